@@ -1,0 +1,3 @@
+from enginedge.entrypoints.cli import main
+
+main()

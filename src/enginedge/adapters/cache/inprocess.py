@@ -1,0 +1,113 @@
+"""Embedded registry, event streams and rate limits: plain dictionaries in this process."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from datetime import datetime
+
+from enginedge.domain.model import TERMINAL_STATUSES, RequestEvent, Worker
+
+_TERMINAL_NAMES = frozenset(s.value for s in TERMINAL_STATUSES)
+
+
+class InProcessRegistry:
+    """A :class:`~enginedge.application.ports.WorkerRegistry` in a dict."""
+
+    def __init__(self) -> None:
+        self._workers: dict[str, Worker] = {}
+
+    async def upsert(self, worker: Worker) -> None:
+        self._workers[worker.id] = replace(worker)
+
+    async def get(self, worker_id: str) -> Worker | None:
+        worker = self._workers.get(worker_id)
+        return replace(worker) if worker else None
+
+    async def all(self) -> list[Worker]:
+        return [replace(w) for w in self._workers.values()]
+
+
+class InProcessEventStream:
+    """Per-request event lists; a finished request's list is dropped after ``retention``."""
+
+    def __init__(self, retention_seconds: float = 3600.0, max_events: int = 100_000) -> None:
+        self._events: dict[uuid.UUID, list[RequestEvent]] = {}
+        self._changed: dict[uuid.UUID, asyncio.Event] = {}
+        self._retention = retention_seconds
+        self._max_events = max_events
+
+    async def append(self, event: RequestEvent) -> RequestEvent:
+        events = self._events.setdefault(event.request_id, [])
+        if len(events) >= self._max_events:
+            return event  # a runaway producer must not exhaust memory; clients resync at end
+        stored = replace(event, id=str(len(events) + 1))
+        events.append(stored)
+        changed = self._changed.pop(event.request_id, None)
+        if changed is not None:
+            changed.set()
+        if event.type == "status" and event.data.get("status") in _TERMINAL_NAMES:
+            asyncio.get_running_loop().call_later(
+                self._retention, self._drop, event.request_id
+            )
+        return stored
+
+    def _drop(self, request_id: uuid.UUID) -> None:
+        self._events.pop(request_id, None)
+
+    async def history(self, request_id: uuid.UUID, after: str | None) -> list[RequestEvent]:
+        return self._events.get(request_id, [])[_position(after):]
+
+    @asynccontextmanager
+    async def follow(
+        self, request_id: uuid.UUID, after: str | None, idle_timeout: float
+    ) -> AsyncIterator[AsyncIterator[RequestEvent | None]]:
+        yield self._iterate(request_id, _position(after), idle_timeout)
+
+    async def _iterate(
+        self, request_id: uuid.UUID, position: int, idle_timeout: float
+    ) -> AsyncIterator[RequestEvent | None]:
+        while True:
+            events = self._events.get(request_id, [])
+            while position < len(events):
+                yield events[position]
+                position += 1
+            changed = self._changed.setdefault(request_id, asyncio.Event())
+            try:
+                await asyncio.wait_for(changed.wait(), idle_timeout)
+            except TimeoutError:
+                yield None
+
+    async def forget(self, request_id: uuid.UUID) -> None:
+        self._drop(request_id)
+
+
+def _position(after: str | None) -> int:
+    """Event ids here are 1, 2, 3...: the id of an event is the count of events up to it."""
+    return int(after) if after and after.isdigit() else 0
+
+
+class InProcessRateLimiter:
+    """Fixed-window counters per key."""
+
+    def __init__(self) -> None:
+        self._windows: dict[str, tuple[int, int]] = {}
+
+    async def hit(self, key: str, limit: int, window_seconds: int, now: datetime) -> int | None:
+        window = int(now.timestamp()) // window_seconds
+        start, count = self._windows.get(key, (window, 0))
+        if start != window:
+            count = 0
+        count += 1
+        self._windows[key] = (window, count)
+        if count > limit:
+            return (window + 1) * window_seconds - int(now.timestamp())
+        return None
+
+
+class InProcessCache:
+    async def ping(self) -> None:
+        """Always reachable: it lives in this process."""

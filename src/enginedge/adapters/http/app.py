@@ -1,0 +1,334 @@
+"""The HTTP adapter (SPEC §3): routes that translate HTTP into use-case calls."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
+from fastapi.security import HTTPAuthorizationCredentials
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from enginedge import __version__
+from enginedge.adapters.http.auth import KeyChecker, api_key_header, bearer, presented_key
+from enginedge.adapters.http.errors import install_error_handlers
+from enginedge.adapters.http.schemas import (
+    ErrorBody,
+    HealthView,
+    OrchestrateBody,
+    OrchestrateResponse,
+    ProbeView,
+    RequestPage,
+    RequestView,
+    WorkerList,
+    WorkerView,
+)
+from enginedge.application import requests as use
+from enginedge.application.context import Context
+from enginedge.application.events import status_event
+from enginedge.application.health import check_components, health
+from enginedge.application.ports import RequestQuery
+from enginedge.bootstrap import Service
+from enginedge.domain.errors import InvalidPayload, RequestNotFound, WorkerNotFound
+from enginedge.domain.model import RequestEvent, RequestStatus
+
+SSE_IDLE_SECONDS = 15.0
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "INVALID_API_KEY"},
+    429: {"model": ErrorBody, "description": "RATE_LIMIT_EXCEEDED (see Retry-After)"},
+    503: {"model": ErrorBody, "description": "SERVICE_UNAVAILABLE"},
+}
+
+
+def get_ctx(request: Request) -> Context:
+    service: Service = request.app.state.service
+    return service.ctx
+
+
+async def authenticated(
+    request: Request,
+    header_key: Annotated[str | None, Depends(api_key_header)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> str:
+    """Authenticate the caller and count the call against its rate limit."""
+    checker: KeyChecker = request.app.state.keys
+    caller = checker.check(presented_key(header_key, credentials))
+    await use.check_rate(get_ctx(request), caller)
+    return caller
+
+
+Ctx = Annotated[Context, Depends(get_ctx)]
+Caller = Annotated[str, Depends(authenticated)]
+
+
+def _parse_id(request_id: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(request_id)
+    except ValueError:
+        raise RequestNotFound(f"Request {request_id[:64]} not found") from None
+
+
+api = APIRouter(prefix="/api", responses=ERRORS)
+
+
+@api.post(
+    "/orchestrate", status_code=202, response_model=OrchestrateResponse,
+    responses={413: {"model": ErrorBody, "description": "PAYLOAD_TOO_LARGE"},
+               422: {"model": ErrorBody,
+                     "description": "INVALID_TASK_TYPE or INVALID_REQUEST_PAYLOAD"},
+               503: {"model": ErrorBody,
+                     "description": "NO_ELIGIBLE_WORKERS or SERVICE_UNAVAILABLE"}},
+    summary="Submit a task",
+)
+async def orchestrate(
+    body: OrchestrateBody, request: Request, response: Response, ctx: Ctx, caller: Caller,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=255,
+                               description="A retry with the same key returns the first "
+                               "request")] = None,
+    traceparent: Annotated[str | None, Header(max_length=64)] = None,
+) -> OrchestrateResponse:
+    """Accept a task; it is durable once this answers 202. Follow it at ``statusUrl``."""
+    submission = await use.submit(ctx, use.SubmitCommand(
+        task_type=body.taskType, payload=body.payload, metadata=body.metadata or {},
+        caller=caller, idempotency_key=idempotency_key, traceparent=traceparent,
+    ))
+    if not submission.created:
+        response.headers["Idempotent-Replayed"] = "true"
+    r = submission.request
+    return OrchestrateResponse(
+        requestId=str(r.id), status=r.status.value, workerType=r.worker_type,
+        estimatedDuration=submission.estimated_duration,
+        statusUrl=f"/api/requests/{r.id}",
+    )
+
+
+@api.get("/requests/{request_id}", response_model=RequestView,
+         responses={404: {"model": ErrorBody, "description": "REQUEST_NOT_FOUND"}})
+async def get_request(request_id: str, ctx: Ctx, caller: Caller) -> RequestView:
+    """Status, timestamps, attempts, worker, and the result or error once terminal."""
+    return RequestView.of(await use.get_request(ctx, _parse_id(request_id)))
+
+
+def _parse_time(value: str | None, name: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidPayload(f"{name} must be an ISO-8601 timestamp") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+@api.get("/requests", response_model=RequestPage)
+async def list_requests(
+    ctx: Ctx, caller: Caller,
+    status: Annotated[list[str] | None, Query(description="Repeat or comma-separate: "
+                                              "PENDING, COMPLETED, ...")] = None,
+    taskType: Annotated[str | None, Query(max_length=50)] = None,
+    since: Annotated[str | None, Query(description="Created at or after (ISO-8601)")] = None,
+    until: Annotated[str | None, Query(description="Created before (ISO-8601)")] = None,
+    limit: Annotated[int, Query(ge=1, le=use.MAX_PAGE)] = 50,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+) -> RequestPage:
+    """Requests, newest first, with cursor pagination."""
+    statuses: list[RequestStatus] = []
+    for value in ",".join(status or []).split(","):
+        if value.strip():
+            try:
+                statuses.append(RequestStatus(value.strip().upper()))
+            except ValueError:
+                raise InvalidPayload(f"unknown status {value.strip()[:30]!r}") from None
+    position = None
+    if cursor is not None:
+        position = use.decode_cursor(cursor)
+        if position is None:
+            raise InvalidPayload("cursor is not one this API returned")
+    rows, next_cursor = await use.list_requests(ctx, RequestQuery(
+        statuses=statuses, task_type=taskType, created_after=_parse_time(since, "since"),
+        created_before=_parse_time(until, "until"), limit=limit, cursor=position,
+    ))
+    return RequestPage(items=[RequestView.of(r) for r in rows], nextCursor=next_cursor)
+
+
+@api.post("/requests/{request_id}/cancel", response_model=RequestView,
+          responses={404: {"model": ErrorBody, "description": "REQUEST_NOT_FOUND"},
+                     409: {"model": ErrorBody, "description": "CANNOT_CANCEL"}})
+async def cancel_request(request_id: str, ctx: Ctx, caller: Caller) -> RequestView:
+    """Cancel a request that has not finished; its worker is told to stop."""
+    return RequestView.of(await use.cancel(ctx, _parse_id(request_id)))
+
+
+def _sse(event: RequestEvent) -> ServerSentEvent:
+    return ServerSentEvent(data=orjson.dumps(event.data).decode(), event=event.type,
+                           id=event.id or None)
+
+
+def _is_terminal(event: RequestEvent) -> bool:
+    return event.type == "status" and RequestStatus(event.data["status"]).terminal
+
+
+async def _event_stream(ctx: Context, request_id: uuid.UUID,
+                        after: str | None) -> AsyncIterator[ServerSentEvent]:
+    async with ctx.events.follow(request_id, after, SSE_IDLE_SECONDS) as stream:
+        async for event in stream:
+            if event is None:
+                # Quiet for a while: if the request finished where this replica could not
+                # see it (events expired, another process), say so from the store.
+                current = await ctx.store.get_request(request_id)
+                if current is not None and current.terminal:
+                    yield _sse(status_event(current))
+                    return
+                continue
+            yield _sse(event)
+            if _is_terminal(event):
+                return
+
+
+@api.get(
+    "/requests/{request_id}/events",
+    response_class=EventSourceResponse,
+    responses={200: {"content": {"text/event-stream": {}},
+                     "description": "status and progress events until the request ends"},
+               404: {"model": ErrorBody, "description": "REQUEST_NOT_FOUND"}},
+)
+async def request_events(
+    request_id: str, ctx: Ctx, caller: Caller,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=64)] = None,
+    lastEventId: Annotated[str | None, Query(max_length=64)] = None,
+) -> EventSourceResponse:
+    """Server-Sent Events: every status change and partial result until the request ends.
+    Reconnect with ``Last-Event-ID`` to resume where the stream stopped."""
+    rid = _parse_id(request_id)
+    request = await use.get_request(ctx, rid)
+    after = last_event_id or lastEventId
+    if request.terminal:
+        history = await ctx.events.history(rid, after)
+        already_told = after is not None and any(
+            _is_terminal(e) for e in await ctx.events.history(rid, None)
+        )
+
+        async def replay() -> AsyncIterator[ServerSentEvent]:
+            for event in history:
+                yield _sse(event)
+            if not any(_is_terminal(e) for e in history) and not already_told:
+                yield _sse(status_event(request))
+
+        return EventSourceResponse(replay(), ping=SSE_IDLE_SECONDS)
+    return EventSourceResponse(_event_stream(ctx, rid, after), ping=SSE_IDLE_SECONDS)
+
+
+@api.get("/workers", response_model=WorkerList)
+async def list_workers(ctx: Ctx, caller: Caller) -> WorkerList:
+    """The registry: every known worker with its health and load."""
+    now = ctx.clock.now()
+    workers = await ctx.registry.all() or await ctx.store.list_workers()
+    return WorkerList(items=[
+        WorkerView.of(w, w.effective_status(now, ctx.policy.heartbeat_ttl).value)
+        for w in sorted(workers, key=lambda w: (w.type, w.id))
+    ])
+
+
+@api.get("/workers/{worker_id}", response_model=WorkerView,
+         responses={404: {"model": ErrorBody, "description": "WORKER_NOT_FOUND"}})
+async def get_worker(worker_id: str, ctx: Ctx, caller: Caller) -> WorkerView:
+    worker = await ctx.registry.get(worker_id)
+    if worker is None:
+        worker = next((w for w in await ctx.store.list_workers() if w.id == worker_id), None)
+    if worker is None:
+        raise WorkerNotFound(f"Worker {worker_id[:64]} not found")
+    status = worker.effective_status(ctx.clock.now(), ctx.policy.heartbeat_ttl)
+    return WorkerView.of(worker, status.value)
+
+
+probes = APIRouter(tags=["probes"])
+
+
+@probes.get("/live", response_model=ProbeView)
+async def live() -> ProbeView:
+    """The process and its event loop answer."""
+    return ProbeView(status="ok")
+
+
+@probes.get("/ready", response_model=ProbeView,
+            responses={503: {"model": ProbeView, "description": "not ready"}})
+async def ready(ctx: Ctx, response: Response) -> ProbeView:
+    """Store (with migrations applied), bus and cache reachable."""
+    components = await check_components(ctx)
+    is_ready = all(c.status == "up" for c in components.values())
+    if not is_ready:
+        response.status_code = 503
+    return ProbeView(
+        status="ready" if is_ready else "not ready",
+        components={k: {"status": v.status, "error": v.error}  # type: ignore[misc]
+                    for k, v in components.items()},
+    )
+
+
+@probes.get("/health", response_model=HealthView,
+            responses={503: {"model": HealthView, "description": "not serving"}})
+async def health_view(request: Request, ctx: Ctx, response: Response) -> HealthView:
+    """Overall status, each component, and each worker type (healthy/total)."""
+    report = await health(ctx)
+    service: Service = request.app.state.service
+    service.metrics.set_fleet(report.workers)
+    if not report.ready:
+        response.status_code = 503
+    return HealthView(
+        status=report.status,  # type: ignore[arg-type]
+        timestamp=ctx.clock.now(),
+        components={k: {"status": v.status, "error": v.error}  # type: ignore[misc]
+                    for k, v in report.components.items()},
+        workers=report.workers,
+    )
+
+
+@probes.get("/metrics", response_class=Response,
+            responses={200: {"content": {"text/plain": {}}}})
+async def metrics(request: Request, ctx: Ctx) -> Response:
+    """Prometheus text format."""
+    service: Service = request.app.state.service
+    report = await health(ctx)
+    service.metrics.set_fleet(report.workers)
+    # The store being down must not hide the other series (/ready reports it).
+    with contextlib.suppress(Exception):
+        service.metrics.outbox_backlog.set(await ctx.store.outbox_backlog())
+    return Response(service.metrics.render(),
+                    media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def create_app(service: Service, keys: list[str], max_body_bytes: int) -> FastAPI:
+    """The ASGI app around a built (not yet started) :class:`Service`."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    app = FastAPI(
+        title="EnginEdge Main Hexagon",
+        version=__version__,
+        description="Orchestrator for AI/ML workloads: submit tasks, follow them, watch the "
+        "fleet. Authenticate with `X-API-Key` (or `Authorization: Bearer`).",
+        lifespan=lifespan,
+        max_body_size=max_body_bytes,
+    )
+    app.state.service = service
+    app.state.keys = KeyChecker(keys)
+    install_error_handlers(app)
+    app.include_router(api)
+    app.include_router(probes)
+
+    @app.get("/", include_in_schema=False)
+    async def root() -> dict[str, str]:
+        return {"service": "enginedge-main-hexagon", "docs": "/docs", "openapi": "/openapi.json"}
+
+    return app

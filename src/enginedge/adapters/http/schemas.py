@@ -1,0 +1,131 @@
+"""The API's bodies, as pydantic models: they validate input and make the OpenAPI document."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from enginedge.domain.model import Request, Worker
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+
+class OrchestrateBody(Model):
+    taskType: str = Field(description="Task type, e.g. data.sql, data.describe, llm.chat",
+                          examples=["data.sql"])
+    payload: dict[str, Any] = Field(description="Input of the task; its shape depends on the "
+                                    "task type")
+    metadata: dict[str, Any] | None = Field(
+        default=None,
+        description="Optional: priority (-100..100), correlationId, timeout (seconds), "
+        "callbackUrl; other fields are kept as given",
+    )
+
+
+class OrchestrateResponse(Model):
+    requestId: str
+    status: str
+    workerType: str
+    estimatedDuration: float | None = Field(
+        description="Seconds this task type has recently taken; null until one has finished")
+    statusUrl: str
+
+
+class RequestView(Model):
+    requestId: str
+    taskType: str
+    status: str
+    workerType: str
+    workerId: str | None
+    attempts: int
+    maxAttempts: int
+    priority: int
+    correlationId: str | None
+    payload: dict[str, Any]
+    metadata: dict[str, Any]
+    createdAt: datetime
+    updatedAt: datetime
+    deadline: datetime
+    dispatchedAt: datetime | None
+    startedAt: datetime | None
+    finishedAt: datetime | None
+    result: dict[str, Any] | None
+    error: str | None
+    processingTime: int | None = Field(description="Milliseconds the worker spent on it")
+
+    @classmethod
+    def of(cls, r: Request) -> RequestView:
+        return cls(
+            requestId=str(r.id), taskType=r.task_type, status=r.status.value,
+            workerType=r.worker_type, workerId=r.worker_id, attempts=r.attempts,
+            maxAttempts=r.max_attempts, priority=r.priority, correlationId=r.correlation_id,
+            payload=r.payload, metadata=r.metadata, createdAt=r.created_at,
+            updatedAt=r.updated_at, deadline=r.deadline, dispatchedAt=r.dispatched_at,
+            startedAt=r.started_at, finishedAt=r.finished_at, result=r.result, error=r.error,
+            processingTime=r.processing_time_ms,
+        )
+
+
+class RequestPage(Model):
+    items: list[RequestView]
+    nextCursor: str | None = Field(description="Pass as ?cursor= for the next page; null at "
+                                   "the end")
+
+
+class WorkerView(Model):
+    workerId: str
+    type: str
+    endpoint: str
+    status: Literal["HEALTHY", "UNHEALTHY", "DRAINING"]
+    capabilities: list[str]
+    capacity: int
+    active: int
+    load: float
+    lastHeartbeat: datetime
+    lastHealthCheck: datetime | None
+    statusReason: str | None
+
+    @classmethod
+    def of(cls, w: Worker, status: str) -> WorkerView:
+        return cls(
+            workerId=w.id, type=w.type, endpoint=w.endpoint, status=status,  # type: ignore[arg-type]
+            capabilities=w.capabilities, capacity=w.capacity, active=w.active, load=w.load,
+            lastHeartbeat=w.last_heartbeat, lastHealthCheck=w.last_health_check,
+            statusReason=w.reason,
+        )
+
+
+class WorkerList(Model):
+    items: list[WorkerView]
+
+
+class ErrorDetail(Model):
+    code: str
+    message: str
+    requestId: str | None = None
+
+
+class ErrorBody(Model):
+    error: ErrorDetail
+
+
+class ComponentView(Model):
+    status: Literal["up", "down"]
+    error: str | None = None
+
+
+class HealthView(Model):
+    status: Literal["ok", "degraded", "down"]
+    timestamp: datetime
+    components: dict[str, ComponentView]
+    workers: dict[str, dict[str, int]] = Field(
+        description="Per worker type: healthy and total workers")
+
+
+class ProbeView(Model):
+    status: str
+    components: dict[str, ComponentView] | None = None

@@ -1,0 +1,364 @@
+"""The SQL store: one adapter for SQLite (embedded) and PostgreSQL (distributed).
+
+SQLAlchemy Core rather than the ORM: the use cases own the domain objects, this module only
+maps them to rows, and the hot path stays a handful of statements.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Select, delete, func, insert, or_, select, tuple_, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from enginedge.adapters.store import tables as t
+from enginedge.adapters.store.migrate import alembic_version
+from enginedge.application.ports import IdempotencyKeyTaken, OutboxMessage, RequestQuery
+from enginedge.domain.errors import ServiceUnavailable
+from enginedge.domain.model import (
+    TERMINAL_STATUSES,
+    Request,
+    RequestStatus,
+    Result,
+    Worker,
+    WorkerStatus,
+)
+
+_ACTIVE = [s.value for s in RequestStatus if s not in TERMINAL_STATUSES]
+_IN_FLIGHT = [RequestStatus.DISPATCHED.value, RequestStatus.PROCESSING.value]
+_REQUEST_COLUMNS = [
+    *t.requests.c,
+    t.request_results.c.result,
+    t.request_results.c.error,
+    t.request_results.c.processing_time,
+]
+
+
+@contextmanager
+def unavailable_on_error() -> Iterator[None]:
+    """Turn a failure to reach the database into the API's SERVICE_UNAVAILABLE."""
+    try:
+        yield
+    except IntegrityError:
+        raise
+    except (SQLAlchemyError, OSError, TimeoutError) as exc:
+        raise ServiceUnavailable(f"database unavailable: {type(exc).__name__}") from exc
+
+
+def _request_select() -> Select[Any]:
+    return select(*_REQUEST_COLUMNS).select_from(
+        t.requests.outerjoin(t.request_results, t.request_results.c.request_id == t.requests.c.id)
+    )
+
+
+def _to_request(row: Any) -> Request:
+    m = row._mapping
+    return Request(
+        id=m["id"],
+        task_type=m["task_type"],
+        payload=m["payload"],
+        metadata=m["metadata"] or {},
+        worker_type=m["worker_type"],
+        created_at=m["created_at"],
+        updated_at=m["updated_at"],
+        deadline=m["deadline"],
+        status=RequestStatus(m["status"]),
+        attempts=m["attempts"],
+        max_attempts=m["max_attempts"],
+        priority=m["priority"],
+        correlation_id=m["correlation_id"],
+        idempotency_key=m["idempotency_key"],
+        caller=m["api_key_hash"],
+        traceparent=m["traceparent"],
+        worker_id=m["worker_id"],
+        dispatched_at=m["dispatched_at"],
+        started_at=m["started_at"],
+        finished_at=m["finished_at"],
+        result=m.get("result"),
+        error=m.get("error"),
+        processing_time_ms=m.get("processing_time"),
+    )
+
+
+def _request_values(r: Request) -> dict[str, Any]:
+    return {
+        "task_type": r.task_type,
+        "payload": r.payload,
+        "metadata": r.metadata,
+        "status": r.status.value,
+        "created_at": r.created_at,
+        "updated_at": r.updated_at,
+        "worker_type": r.worker_type,
+        "worker_id": r.worker_id,
+        "attempts": r.attempts,
+        "max_attempts": r.max_attempts,
+        "priority": r.priority,
+        "correlation_id": r.correlation_id,
+        "idempotency_key": r.idempotency_key,
+        "api_key_hash": r.caller,
+        "traceparent": r.traceparent,
+        "deadline": r.deadline,
+        "dispatched_at": r.dispatched_at,
+        "started_at": r.started_at,
+        "finished_at": r.finished_at,
+    }
+
+
+def _to_worker(row: Any) -> Worker:
+    m = row._mapping
+    return Worker(
+        id=str(m["id"]),
+        type=m["type"],
+        endpoint=m["endpoint"],
+        capabilities=list(m["capabilities"] or []),
+        capacity=m["capacity"],
+        active=m["active"],
+        status=WorkerStatus(m["status"]),
+        last_heartbeat=m["last_heartbeat"] or m["updated_at"],
+        last_health_check=m["last_health_check"],
+        first_seen=m["created_at"],
+        reason=m["status_reason"],
+    )
+
+
+class SqlTransaction:
+    """A :class:`~enginedge.application.ports.StoreTransaction` on one connection."""
+
+    def __init__(self, conn: AsyncConnection) -> None:
+        self._conn = conn
+        self._postgres = conn.dialect.name == "postgresql"
+
+    def _locked(self, query: Select[Any], *, skip_locked: bool = False) -> Select[Any]:
+        if not self._postgres:  # SQLite runs one writer at a time: no row locks needed
+            return query
+        return query.with_for_update(of=t.requests, skip_locked=skip_locked)
+
+    async def _requests(self, query: Select[Any]) -> list[Request]:
+        return [_to_request(row) for row in await self._conn.execute(query)]
+
+    async def add_request(self, request: Request) -> None:
+        try:
+            await self._conn.execute(
+                insert(t.requests).values(id=request.id, **_request_values(request))
+            )
+        except IntegrityError as exc:
+            if request.idempotency_key is not None:
+                raise IdempotencyKeyTaken(request.idempotency_key) from exc
+            raise
+
+    async def find_by_idempotency_key(self, caller: str, key: str) -> Request | None:
+        rows = await self._requests(
+            _request_select().where(
+                t.requests.c.api_key_hash == caller, t.requests.c.idempotency_key == key
+            )
+        )
+        return rows[0] if rows else None
+
+    async def lock_request(self, request_id: uuid.UUID) -> Request | None:
+        rows = await self._requests(
+            self._locked(_request_select().where(t.requests.c.id == request_id))
+        )
+        return rows[0] if rows else None
+
+    async def save_request(self, request: Request) -> None:
+        values = _request_values(request)
+        await self._conn.execute(
+            update(t.requests).where(t.requests.c.id == request.id).values(**values)
+        )
+
+    async def add_result(self, result: Result) -> None:
+        await self._conn.execute(
+            insert(t.request_results).values(
+                id=result.id,
+                request_id=result.request_id,
+                status=result.status.value,
+                result=result.result,
+                error=result.error,
+                processing_time=result.processing_time_ms,
+                created_at=result.created_at,
+                attempt=result.attempt,
+                worker_id=result.worker_id,
+            )
+        )
+
+    async def enqueue(self, messages: Sequence[OutboxMessage]) -> None:
+        now = datetime.now(UTC)
+        await self._conn.execute(
+            insert(t.outbox),
+            [
+                {
+                    "topic": m.topic,
+                    "key": m.key,
+                    "value": m.value.decode(),
+                    "headers": m.headers,
+                    "request_id": m.request_id,
+                    "attempt": m.attempt,
+                    "available_at": m.available_at or now,
+                }
+                for m in messages
+            ],
+        )
+
+    async def claim_outbox(self, now: datetime, limit: int) -> list[OutboxMessage]:
+        query = (
+            select(t.outbox)
+            .where(t.outbox.c.available_at <= now)
+            .order_by(t.outbox.c.id)
+            .limit(limit)
+        )
+        if self._postgres:
+            query = query.with_for_update(skip_locked=True)
+        return [
+            OutboxMessage(
+                id=row.id,
+                topic=row.topic,
+                key=row.key,
+                value=row.value.encode(),
+                headers=dict(row.headers),
+                available_at=row.available_at,
+                request_id=row.request_id,
+                attempt=row.attempt,
+            )
+            for row in await self._conn.execute(query)
+        ]
+
+    async def delete_outbox(self, ids: Sequence[int]) -> None:
+        if ids:
+            await self._conn.execute(delete(t.outbox).where(t.outbox.c.id.in_(ids)))
+
+    async def mark_dispatched(
+        self, attempts: Sequence[tuple[uuid.UUID, int]], now: datetime
+    ) -> list[Request]:
+        rows = await self._conn.execute(
+            update(t.requests)
+            .where(
+                t.requests.c.status == RequestStatus.PENDING.value,
+                tuple_(t.requests.c.id, t.requests.c.attempts).in_(list(attempts)),
+            )
+            .values(status=RequestStatus.DISPATCHED.value, dispatched_at=now, updated_at=now)
+            .returning(*t.requests.c)
+        )
+        return [_to_request(row) for row in rows]
+
+    async def lock_overdue(self, now: datetime, limit: int) -> list[Request]:
+        return await self._requests(
+            self._locked(
+                _request_select()
+                .where(t.requests.c.status.in_(_ACTIVE), t.requests.c.deadline < now)
+                .order_by(t.requests.c.deadline)
+                .limit(limit),
+                skip_locked=True,
+            )
+        )
+
+    async def lock_unclaimed(self, dispatched_before: datetime, limit: int) -> list[Request]:
+        return await self._requests(
+            self._locked(
+                _request_select()
+                .where(
+                    t.requests.c.status == RequestStatus.DISPATCHED.value,
+                    t.requests.c.dispatched_at < dispatched_before,
+                )
+                .limit(limit),
+                skip_locked=True,
+            )
+        )
+
+    async def lock_in_flight(
+        self, worker_ids: Sequence[str] | None = None, limit: int = 1000
+    ) -> list[Request]:
+        query = _request_select().where(t.requests.c.status.in_(_IN_FLIGHT)).limit(limit)
+        if worker_ids is not None:
+            query = query.where(t.requests.c.worker_id.in_(list(worker_ids)))
+        return await self._requests(self._locked(query, skip_locked=True))
+
+    async def save_worker(self, worker: Worker) -> None:
+        values = {
+            "id": uuid.UUID(worker.id),
+            "type": worker.type,
+            "endpoint": worker.endpoint,
+            "status": worker.status.value,
+            "capabilities": worker.capabilities,
+            "last_health_check": worker.last_health_check,
+            "capacity": worker.capacity,
+            "active": worker.active,
+            "last_heartbeat": worker.last_heartbeat,
+            "status_reason": worker.reason,
+            "updated_at": worker.last_heartbeat,
+        }
+        dialect = postgresql if self._postgres else sqlite
+        stmt = dialect.insert(t.workers).values(created_at=worker.first_seen, **values)
+        await self._conn.execute(
+            stmt.on_conflict_do_update(
+                index_elements=[t.workers.c.id],
+                set_={k: v for k, v in values.items() if k != "id"},
+            )
+        )
+
+
+class SqlStore:
+    """A :class:`~enginedge.application.ports.RequestStore` over an async engine."""
+
+    def __init__(self, engine: AsyncEngine, head_revision: str) -> None:
+        self.engine = engine
+        self._head = head_revision
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[SqlTransaction]:
+        with unavailable_on_error():
+            async with self.engine.begin() as conn:
+                yield SqlTransaction(conn)
+
+    async def _fetch(self, query: Select[Any]) -> list[Any]:
+        with unavailable_on_error():
+            async with self.engine.connect() as conn:
+                return list(await conn.execute(query))
+
+    async def get_request(self, request_id: uuid.UUID) -> Request | None:
+        rows = await self._fetch(_request_select().where(t.requests.c.id == request_id))
+        return _to_request(rows[0]) if rows else None
+
+    async def list_requests(self, query: RequestQuery) -> list[Request]:
+        q = _request_select()
+        if query.statuses:
+            q = q.where(t.requests.c.status.in_([s.value for s in query.statuses]))
+        if query.task_type:
+            q = q.where(t.requests.c.task_type == query.task_type)
+        if query.created_after:
+            q = q.where(t.requests.c.created_at >= query.created_after)
+        if query.created_before:
+            q = q.where(t.requests.c.created_at < query.created_before)
+        if query.caller:
+            q = q.where(t.requests.c.api_key_hash == query.caller)
+        if query.cursor:
+            created, ident = query.cursor
+            q = q.where(
+                or_(
+                    t.requests.c.created_at < created,
+                    (t.requests.c.created_at == created) & (t.requests.c.id < ident),
+                )
+            )
+        q = q.order_by(t.requests.c.created_at.desc(), t.requests.c.id.desc()).limit(query.limit)
+        return [_to_request(row) for row in await self._fetch(q)]
+
+    async def list_workers(self) -> list[Worker]:
+        return [_to_worker(row) for row in await self._fetch(select(t.workers))]
+
+    async def outbox_backlog(self) -> int:
+        rows = await self._fetch(select(func.count()).select_from(t.outbox))
+        return int(rows[0][0])
+
+    async def ping(self) -> None:
+        rows = await self._fetch(select(alembic_version.c.version_num))
+        current = rows[0][0] if rows else None
+        if current != self._head:
+            raise ServiceUnavailable(
+                f"database schema is at {current or 'nothing'}, expected {self._head}: "
+                "run `enginedge migrate`"
+            )

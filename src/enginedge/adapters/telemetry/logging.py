@@ -1,0 +1,56 @@
+"""JSON logs, one object per line: ``timestamp``, ``level``, ``message`` and context fields.
+
+The core logs through the standard library (``logging.getLogger``, fields in ``extra``);
+structlog renders every record, the libraries' too, in the one format.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import MutableMapping
+from typing import Any
+
+import structlog
+
+LEVELS = {"error": logging.ERROR, "warn": logging.WARNING, "warning": logging.WARNING,
+          "info": logging.INFO, "debug": logging.DEBUG}
+
+
+def _rename_event(
+    _logger: Any, _name: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    event["message"] = event.pop("event", "")
+    event.pop("color_message", None)  # uvicorn's copy of the message with terminal colours
+    return event
+
+
+def configure_logging(level: str = "info", stream: Any = None) -> None:
+    """Route all logging to JSON lines on ``stream`` (stderr by default) at ``level``."""
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.ExtraAdder(),
+        structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
+    ]
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            _rename_event,
+            structlog.processors.JSONRenderer(),
+        ],
+    )
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(LEVELS[level])
+    # Uvicorn's access log repeats what the metrics say, once per request: off below debug.
+    logging.getLogger("uvicorn.access").setLevel(
+        logging.DEBUG if level == "debug" else logging.WARNING
+    )
+    for name in ("uvicorn", "uvicorn.error"):
+        logging.getLogger(name).handlers[:] = []
+        logging.getLogger(name).propagate = True

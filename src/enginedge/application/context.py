@@ -1,0 +1,62 @@
+"""What every use case is given: the ports, the clock and the operating policy."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from enginedge.application.ports import (
+    Cache,
+    Clock,
+    EventStream,
+    MessageBus,
+    Metrics,
+    RateLimiter,
+    RequestStore,
+    WorkerRegistry,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """Operating rules, from configuration."""
+
+    request_timeout: timedelta = timedelta(seconds=300)
+    max_attempts: int = 3
+    heartbeat_ttl: timedelta = timedelta(seconds=15)
+    dispatch_timeout: timedelta = timedelta(seconds=60)
+    retry_backoff: timedelta = timedelta(seconds=1)
+    retry_backoff_max: timedelta = timedelta(seconds=30)
+    rate_limit: int = 6000
+    rate_limit_window_seconds: int = 60
+    probe_timeout: float = 2.0
+
+    def backoff(self, attempt: int) -> timedelta:
+        """Delay before dispatching ``attempt`` (2 and up): doubling, capped."""
+        doubled: timedelta = self.retry_backoff * (2 ** max(attempt - 2, 0))
+        return min(doubled, self.retry_backoff_max)
+
+
+@dataclass(slots=True)
+class Context:
+    """The ports wired by ``bootstrap``, shared by the use cases of one process."""
+
+    store: RequestStore
+    bus: MessageBus
+    registry: WorkerRegistry
+    events: EventStream
+    limiter: RateLimiter
+    cache: Cache
+    metrics: Metrics
+    clock: Clock
+    policy: Policy = field(default_factory=Policy)
+    # Called after a commit that wrote outbox messages, so the relay need not wait to poll.
+    wake_relay: Callable[[], None] = lambda: None
+    started_at: datetime | None = None
+    # Moving average of processing time per task type, for the estimate given at submit.
+    durations: dict[str, float] = field(default_factory=dict)
+
+    def observe_duration(self, task_type: str, seconds: float) -> None:
+        previous = self.durations.get(task_type)
+        self.durations[task_type] = seconds if previous is None else 0.8 * previous + 0.2 * seconds

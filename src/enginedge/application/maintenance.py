@@ -1,0 +1,125 @@
+"""Use cases the orchestrator runs on its own: timeouts, lost workers, lost dispatches."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from enginedge.application.context import Context
+from enginedge.application.events import status_event
+from enginedge.application.outbox import cancel_message, dispatch_message, finish, finished
+from enginedge.application.ports import StoreTransaction
+from enginedge.domain.model import Request, RequestEvent, WorkerStatus
+
+BATCH = 200
+
+Selector = Callable[[StoreTransaction], Awaitable[list[Request]]]
+
+
+@dataclass(slots=True)
+class SweepReport:
+    timed_out: int = 0
+    redispatched: int = 0
+    failed: int = 0
+    workers_lost: int = 0
+
+
+async def sweep(ctx: Context) -> SweepReport:
+    """One pass of the housekeeping that keeps every request moving to a terminal state."""
+    report = SweepReport()
+    now = ctx.clock.now()
+    await _time_out(ctx, now, report)
+    lost = await _lost_workers(ctx, now, report)
+    if lost:
+        await _redispatch(ctx, now, report, "worker_lost", "the worker running it was lost",
+                          lambda tx: tx.lock_in_flight(sorted(lost), BATCH))
+    await _redispatch(
+        ctx, now, report, "unclaimed",
+        f"no worker started it within {ctx.policy.dispatch_timeout.total_seconds():g}s",
+        lambda tx: tx.lock_unclaimed(now - ctx.policy.dispatch_timeout, BATCH),
+    )
+    return report
+
+
+async def recover_in_flight(ctx: Context) -> SweepReport:
+    """Re-dispatch everything in flight at start-up, when the bus did not outlive the process.
+
+    With the in-process bus, dispatches and the built-in workers died with the previous
+    process; without this, its in-flight requests would wait for the dispatch timeout.
+    """
+    report = SweepReport()
+    if ctx.bus.durable:
+        return report
+    await _redispatch(ctx, ctx.clock.now(), report, "restart", "the service restarted",
+                      lambda tx: tx.lock_in_flight(None, BATCH))
+    return report
+
+
+async def _time_out(ctx: Context, now: datetime, report: SweepReport) -> None:
+    while True:
+        async with ctx.store.transaction() as tx:
+            overdue = await tx.lock_overdue(now, BATCH)
+            for request in overdue:
+                request.time_out(now)
+                await finish(ctx, tx, request, now)
+                await tx.enqueue([cancel_message(request)])
+        for request in overdue:
+            await ctx.events.append(status_event(request))
+            finished(ctx, request)
+        report.timed_out += len(overdue)
+        if overdue:
+            ctx.wake_relay()
+        if len(overdue) < BATCH:
+            return
+
+
+async def _lost_workers(ctx: Context, now: datetime, report: SweepReport) -> set[str]:
+    """Workers whose heartbeats stopped or who said they are unhealthy; mark them."""
+    lost: set[str] = set()
+    for worker in await ctx.registry.all():
+        status = worker.effective_status(now, ctx.policy.heartbeat_ttl)
+        if status is not WorkerStatus.UNHEALTHY:
+            continue
+        lost.add(worker.id)
+        if worker.status is not WorkerStatus.UNHEALTHY:
+            worker.status = WorkerStatus.UNHEALTHY
+            worker.reason = "heartbeats stopped"
+            await ctx.registry.upsert(worker)
+            async with ctx.store.transaction() as tx:
+                await tx.save_worker(worker)
+            report.workers_lost += 1
+    return lost
+
+
+async def _redispatch(ctx: Context, now: datetime, report: SweepReport, label: str,
+                      reason: str, select: Selector) -> None:
+    """Give each selected request another attempt, or fail it when it has had them all."""
+    while True:
+        events: list[RequestEvent] = []
+        terminal: list[Request] = []
+        async with ctx.store.transaction() as tx:
+            selected = await select(tx)
+            for request in selected:
+                if request.can_retry:
+                    request.requeue(now)
+                    await tx.save_request(request)
+                    retry_at = now + ctx.policy.backoff(request.attempts)
+                    await tx.enqueue([dispatch_message(request, retry_at)])
+                    events.append(status_event(request, reason=reason))
+                    ctx.metrics.redispatched(label)
+                    report.redispatched += 1
+                else:
+                    request.fail(f"{reason}; gave up after {request.attempts} attempts", now)
+                    await finish(ctx, tx, request, now)
+                    events.append(status_event(request))
+                    terminal.append(request)
+                    report.failed += 1
+        for event in events:
+            await ctx.events.append(event)
+        for request in terminal:
+            finished(ctx, request)
+        if events:
+            ctx.wake_relay()
+        if len(selected) < BATCH:
+            return

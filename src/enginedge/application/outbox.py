@@ -1,0 +1,100 @@
+"""Messages the use cases write to the outbox, and the relay that publishes them."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from enginedge.application.context import Context
+from enginedge.application.events import status_event
+from enginedge.application.ports import BusMessage, OutboxMessage, StoreTransaction
+from enginedge.domain.messages import (
+    BROADCAST_KEY,
+    CONTROL_TOPIC,
+    ControlMessage,
+    DispatchMessage,
+    requests_topic,
+)
+from enginedge.domain.model import Request, Result
+
+
+def dispatch_message(request: Request, available_at: datetime | None = None) -> OutboxMessage:
+    """The outbox entry that sends the request's current attempt to its worker type."""
+    message = DispatchMessage(
+        request_id=request.id,
+        attempt=request.attempts,
+        task_type=request.task_type,
+        payload=request.payload,
+        metadata=request.metadata,
+        deadline=request.deadline,
+    )
+    return OutboxMessage(
+        topic=requests_topic(request.worker_type),
+        key=str(request.id),
+        value=message.to_json(),
+        headers=_headers(request),
+        available_at=available_at,
+        request_id=request.id,
+        attempt=request.attempts,
+    )
+
+
+def cancel_message(request: Request) -> OutboxMessage:
+    """Tell the worker holding the request (or every worker, if none is known) to stop."""
+    return OutboxMessage(
+        topic=CONTROL_TOPIC,
+        key=request.worker_id or BROADCAST_KEY,
+        value=ControlMessage(action="cancel", request_id=request.id).to_json(),
+        headers=_headers(request),
+    )
+
+
+def _headers(request: Request) -> dict[str, str]:
+    headers = {"correlation-id": request.correlation_id or str(request.id)}
+    if request.traceparent:
+        headers["traceparent"] = request.traceparent
+    return headers
+
+
+async def finish(ctx: Context, tx: StoreTransaction, request: Request, now: datetime) -> None:
+    """Persist a request that just became terminal, with its one result row."""
+    await tx.save_request(request)
+    await tx.add_result(Result.of(request, now))
+
+
+def finished(ctx: Context, request: Request) -> None:
+    """Count a terminal request (after its transaction committed)."""
+    ctx.metrics.request_finished(
+        request.status, (request.updated_at - request.created_at).total_seconds()
+    )
+    if request.processing_time_ms is not None and request.status.value == "COMPLETED":
+        ctx.observe_duration(request.task_type, request.processing_time_ms / 1000)
+
+
+async def relay_outbox(ctx: Context, batch_size: int = 500) -> int:
+    """Publish due outbox messages; return how many were sent.
+
+    The messages are deleted and their requests marked DISPATCHED only after the bus has
+    taken them, in the same transaction that claimed them: a crash in between publishes
+    them again (at-least-once), never loses them.
+    """
+    now = ctx.clock.now()
+    async with ctx.store.transaction() as tx:
+        pending = await tx.claim_outbox(now, batch_size)
+        if not pending:
+            return 0
+        await ctx.bus.publish([
+            BusMessage(topic=m.topic, key=m.key, value=m.value, headers=m.headers)
+            for m in pending
+        ])
+        await tx.delete_outbox([m.id for m in pending if m.id is not None])
+        attempts = [
+            (m.request_id, m.attempt)
+            for m in pending
+            if m.request_id is not None and m.attempt is not None
+        ]
+        dispatched = await tx.mark_dispatched(attempts, now) if attempts else []
+    for request in dispatched:
+        await ctx.events.append(status_event(request))
+        if request.attempts == 1:
+            ctx.metrics.dispatched(request.worker_type, (now - request.created_at).total_seconds())
+    return len(pending)

@@ -1,0 +1,227 @@
+"""The ports of the hexagon: what the use cases need from the outside world.
+
+Each is a ``typing.Protocol``; ``adapters/`` holds an embedded and a distributed
+implementation of each, and ``bootstrap`` picks one per port.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol
+
+from enginedge.domain.model import Request, RequestEvent, RequestStatus, Result, Worker
+
+
+class IdempotencyKeyTaken(Exception):
+    """Another request with the same caller and ``Idempotency-Key`` committed first."""
+
+
+class Clock(Protocol):
+    def now(self) -> datetime:
+        """The current time, timezone-aware UTC."""
+        ...
+
+
+# --------------------------------------------------------------------------- store
+
+
+@dataclass(slots=True)
+class OutboxMessage:
+    """A message written in the same transaction as the state change that causes it."""
+
+    topic: str
+    key: str
+    value: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+    available_at: datetime | None = None
+    id: int | None = None
+    # For dispatches: which request attempt this message carries, so that the relay can mark
+    # the request DISPATCHED once the bus has it.
+    request_id: uuid.UUID | None = None
+    attempt: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RequestQuery:
+    """Filters and a page position for listing requests, newest first."""
+
+    statuses: Sequence[RequestStatus] = ()
+    task_type: str | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+    caller: str | None = None
+    limit: int = 50
+    cursor: tuple[datetime, uuid.UUID] | None = None
+
+
+class StoreTransaction(Protocol):
+    """Reads and writes that commit or roll back together."""
+
+    async def add_request(self, request: Request) -> None: ...
+
+    async def find_by_idempotency_key(self, caller: str, key: str) -> Request | None: ...
+
+    async def lock_request(self, request_id: uuid.UUID) -> Request | None:
+        """Read a request and hold it against concurrent changes until commit."""
+        ...
+
+    async def save_request(self, request: Request) -> None: ...
+
+    async def add_result(self, result: Result) -> None: ...
+
+    async def enqueue(self, messages: Sequence[OutboxMessage]) -> None: ...
+
+    async def claim_outbox(self, now: datetime, limit: int) -> list[OutboxMessage]:
+        """Due outbox messages, oldest first, that no other relay holds."""
+        ...
+
+    async def delete_outbox(self, ids: Sequence[int]) -> None: ...
+
+    async def mark_dispatched(
+        self, attempts: Sequence[tuple[uuid.UUID, int]], now: datetime
+    ) -> list[Request]:
+        """Move PENDING requests whose current attempt was published to DISPATCHED."""
+        ...
+
+    async def lock_overdue(self, now: datetime, limit: int) -> list[Request]:
+        """Non-terminal requests whose deadline has passed."""
+        ...
+
+    async def lock_unclaimed(self, dispatched_before: datetime, limit: int) -> list[Request]:
+        """Requests DISPATCHED before the given time that no worker has started."""
+        ...
+
+    async def lock_in_flight(
+        self, worker_ids: Sequence[str] | None = None, limit: int = 1000
+    ) -> list[Request]:
+        """DISPATCHED or PROCESSING requests, of the given workers if named."""
+        ...
+
+    async def save_worker(self, worker: Worker) -> None: ...
+
+
+class RequestStore(Protocol):
+    """Durable home of requests, results, workers and the outbox."""
+
+    def transaction(self) -> AbstractAsyncContextManager[StoreTransaction]: ...
+
+    async def get_request(self, request_id: uuid.UUID) -> Request | None: ...
+
+    async def list_requests(self, query: RequestQuery) -> list[Request]: ...
+
+    async def list_workers(self) -> list[Worker]: ...
+
+    async def outbox_backlog(self) -> int: ...
+
+    async def ping(self) -> None:
+        """Raise if the store cannot be reached or its schema is not current."""
+        ...
+
+
+# --------------------------------------------------------------------------- bus
+
+
+@dataclass(frozen=True, slots=True)
+class BusMessage:
+    topic: str
+    key: str
+    value: bytes
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+class Subscription(Protocol):
+    async def next_batch(self, max_messages: int, timeout: float) -> list[BusMessage]:
+        """Up to ``max_messages``, waiting at most ``timeout`` seconds for the first."""
+        ...
+
+    async def commit(self) -> None:
+        """Mark everything returned so far as processed."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class MessageBus(Protocol):
+    """Topics with consumer groups (SPEC §6)."""
+
+    @property
+    def durable(self) -> bool:
+        """Whether published messages outlive this process (Kafka yes, in-process no)."""
+        ...
+
+    async def publish(self, messages: Sequence[BusMessage]) -> None:
+        """Return once the bus holds every message; raise if it cannot take them."""
+        ...
+
+    async def subscribe(self, topics: Sequence[str], group: str) -> Subscription: ...
+
+    async def ping(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+# --------------------------------------------------------------------------- cache
+
+
+class WorkerRegistry(Protocol):
+    """The live view of the fleet, fed by heartbeats."""
+
+    async def upsert(self, worker: Worker) -> None: ...
+
+    async def get(self, worker_id: str) -> Worker | None: ...
+
+    async def all(self) -> list[Worker]: ...
+
+
+class EventStream(Protocol):
+    """Each request's ordered events, kept for reconnecting SSE clients."""
+
+    async def append(self, event: RequestEvent) -> RequestEvent:
+        """Store ``event`` and return it with its id."""
+        ...
+
+    async def history(self, request_id: uuid.UUID, after: str | None) -> list[RequestEvent]:
+        """The stored events after ``after`` (all if None), without waiting."""
+        ...
+
+    def follow(
+        self, request_id: uuid.UUID, after: str | None, idle_timeout: float
+    ) -> AbstractAsyncContextManager[AsyncIterator[RequestEvent | None]]:
+        """Every event after ``after`` (all if None), then new ones as they come; ``None``
+        after each ``idle_timeout`` seconds without one."""
+        ...
+
+    async def forget(self, request_id: uuid.UUID) -> None: ...
+
+
+class RateLimiter(Protocol):
+    async def hit(self, key: str, limit: int, window_seconds: int, now: datetime) -> int | None:
+        """Count one call; ``None`` if allowed, else the seconds until the window resets."""
+        ...
+
+
+class Cache(Protocol):
+    """Health check of the cache backend (the embedded one is always up)."""
+
+    async def ping(self) -> None: ...
+
+
+# --------------------------------------------------------------------------- telemetry
+
+
+class Metrics(Protocol):
+    def request_accepted(self, task_type: str, worker_type: str) -> None: ...
+
+    def request_finished(self, status: RequestStatus, duration_seconds: float) -> None: ...
+
+    def dispatched(self, worker_type: str, latency_seconds: float) -> None: ...
+
+    def redispatched(self, reason: str) -> None: ...
+
+    def result_ignored(self, reason: str) -> None: ...
+
+    def dead_lettered(self, topic: str) -> None: ...

@@ -1,0 +1,173 @@
+"""Use cases a caller drives through the API: submit, get, list, cancel."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from enginedge.application.context import Context
+from enginedge.application.events import status_event
+from enginedge.application.outbox import cancel_message, dispatch_message, finish, finished
+from enginedge.application.ports import IdempotencyKeyTaken, RequestQuery
+from enginedge.domain.errors import (
+    CannotCancel,
+    InvalidTaskType,
+    RateLimitExceeded,
+    RequestNotFound,
+)
+from enginedge.domain.model import Request, Worker
+from enginedge.domain.routing import choose_worker
+from enginedge.domain.tasks import BUILTIN_TASKS, check_payload, check_task_type, parse_metadata
+
+MAX_PAGE = 500
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitCommand:
+    task_type: str
+    payload: dict[str, Any]
+    caller: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+    idempotency_key: str | None = None
+    traceparent: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    request: Request
+    created: bool
+    estimated_duration: float | None
+
+
+async def check_rate(ctx: Context, caller: str) -> None:
+    """Count one call by ``caller``; raise when it is over the limit."""
+    retry_after = await ctx.limiter.hit(
+        caller, ctx.policy.rate_limit, ctx.policy.rate_limit_window_seconds, ctx.clock.now()
+    )
+    if retry_after is not None:
+        raise RateLimitExceeded(retry_after)
+
+
+def known_task_types(workers: list[Worker]) -> set[str]:
+    known = set(BUILTIN_TASKS)
+    for worker in workers:
+        known.update(worker.capabilities)
+    return known
+
+
+async def submit(ctx: Context, cmd: SubmitCommand) -> Submission:
+    """Accept a task: validate, route, persist with its dispatch in one transaction."""
+    check_task_type(cmd.task_type)
+    meta = parse_metadata(cmd.metadata)
+    if cmd.idempotency_key is not None:
+        async with ctx.store.transaction() as tx:
+            existing = await tx.find_by_idempotency_key(cmd.caller, cmd.idempotency_key)
+        if existing is not None:
+            return _replay(ctx, existing)
+    workers = await ctx.registry.all()
+    if cmd.task_type not in known_task_types(workers):
+        raise InvalidTaskType(f"Unknown task type {cmd.task_type}: no worker has announced it")
+    check_payload(cmd.task_type, cmd.payload)
+    now = ctx.clock.now()
+    worker = choose_worker(workers, cmd.task_type, now, ctx.policy.heartbeat_ttl)
+    timeout = timedelta(seconds=meta.timeout) if meta.timeout else ctx.policy.request_timeout
+    request = Request(
+        id=uuid.uuid4(),
+        task_type=cmd.task_type,
+        payload=cmd.payload,
+        metadata=cmd.metadata,
+        worker_type=worker.type,
+        created_at=now,
+        updated_at=now,
+        deadline=now + timeout,
+        max_attempts=ctx.policy.max_attempts,
+        priority=meta.priority,
+        correlation_id=meta.correlation_id,
+        idempotency_key=cmd.idempotency_key,
+        caller=cmd.caller,
+        traceparent=cmd.traceparent,
+    )
+    try:
+        async with ctx.store.transaction() as tx:
+            await tx.add_request(request)
+            await tx.enqueue([dispatch_message(request)])
+    except IdempotencyKeyTaken:
+        assert cmd.idempotency_key is not None
+        async with ctx.store.transaction() as tx:
+            existing = await tx.find_by_idempotency_key(cmd.caller, cmd.idempotency_key)
+        if existing is None:  # pragma: no cover - the winner cannot vanish
+            raise
+        return _replay(ctx, existing)
+    ctx.wake_relay()
+    await ctx.events.append(status_event(request))
+    ctx.metrics.request_accepted(request.task_type, request.worker_type)
+    return Submission(request, True, ctx.durations.get(request.task_type))
+
+
+def _replay(ctx: Context, request: Request) -> Submission:
+    return Submission(request, False, ctx.durations.get(request.task_type))
+
+
+async def get_request(ctx: Context, request_id: uuid.UUID) -> Request:
+    request = await ctx.store.get_request(request_id)
+    if request is None:
+        raise RequestNotFound(f"Request {request_id} not found")
+    return request
+
+
+async def list_requests(ctx: Context, query: RequestQuery) -> tuple[list[Request], str | None]:
+    """A page of requests, newest first, and the cursor of the next page (None at the end)."""
+    limit = max(1, min(query.limit, MAX_PAGE))
+    rows = await ctx.store.list_requests(
+        RequestQuery(
+            statuses=query.statuses,
+            task_type=query.task_type,
+            created_after=query.created_after,
+            created_before=query.created_before,
+            caller=query.caller,
+            limit=limit + 1,
+            cursor=query.cursor,
+        )
+    )
+    if len(rows) <= limit:
+        return rows, None
+    last = rows[limit - 1]
+    return rows[:limit], encode_cursor(last.created_at, last.id)
+
+
+def encode_cursor(created_at: datetime, request_id: uuid.UUID) -> str:
+    return f"{created_at.isoformat()}~{request_id}"
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID] | None:
+    """The position a cursor names, or None if it is not one of ours."""
+    created, sep, ident = cursor.partition("~")
+    if not sep:
+        return None
+    try:
+        return datetime.fromisoformat(created), uuid.UUID(ident)
+    except ValueError:
+        return None
+
+
+async def cancel(ctx: Context, request_id: uuid.UUID) -> Request:
+    """Cancel a request that has not finished; the worker holding it is told to stop."""
+    now = ctx.clock.now()
+    async with ctx.store.transaction() as tx:
+        request = await tx.lock_request(request_id)
+        if request is None:
+            raise RequestNotFound(f"Request {request_id} not found")
+        if request.terminal:
+            raise CannotCancel(
+                f"Request {request_id} is already {request.status.value} and cannot be cancelled"
+            )
+        request.cancel(now)
+        await finish(ctx, tx, request, now)
+        await tx.enqueue([cancel_message(request)])
+    ctx.wake_relay()
+    await ctx.events.append(status_event(request))
+    finished(ctx, request)
+    return request
+

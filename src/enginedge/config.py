@@ -1,0 +1,298 @@
+"""Configuration from environment variables (SPEC §9), validated at start-up.
+
+Every variable is declared once in :data:`VARIABLES`; the same table validates, documents
+(``enginedge serve --help``, README) and reports which ones are missing in production.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.engine import make_url
+
+
+class ConfigError(ValueError):
+    """A bad or missing configuration value; the message names the variable."""
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number <= 0:
+        raise ValueError("must be a positive whole number")
+    return number
+
+
+def _non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError("must be zero or a positive whole number")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise ValueError("must be a positive number")
+    return number
+
+
+def _port(value: str) -> int:
+    number = int(value)
+    if not 0 < number < 65536:
+        raise ValueError("must be a port number from 1 to 65535")
+    return number
+
+
+def _choice(*options: str) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        lowered = value.strip().lower()
+        if lowered not in options:
+            raise ValueError(f"must be one of {', '.join(options)}")
+        return lowered
+
+    return parse
+
+
+def _database_url(value: str) -> str:
+    url = make_url(value)  # raises ArgumentError on garbage
+    if url.get_backend_name() not in ("postgresql", "postgres", "sqlite"):
+        raise ValueError("must be a postgresql:// (or sqlite:///) URL")
+    return value
+
+
+def _redis_url(value: str) -> str:
+    if not value.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("must be a redis:// or rediss:// URL")
+    return value
+
+
+def _brokers(value: str) -> str:
+    for broker in value.split(","):
+        host, sep, port = broker.strip().rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError("must be comma-separated host:port pairs")
+    return value
+
+
+def _keys(value: str) -> str:
+    keys = [k.strip() for k in value.split(",") if k.strip()]
+    if not keys:
+        raise ValueError("must hold at least one key")
+    if any(len(k) < 8 for k in keys):
+        raise ValueError("each key must have at least 8 characters")
+    return ",".join(keys)
+
+
+def _bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _workers(value: str) -> str:
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    unknown = set(names) - {"data-processing", "none"}
+    if unknown:
+        raise ValueError(f"unknown built-in worker(s) {', '.join(sorted(unknown))}; "
+                         "known: data-processing, none")
+    return ",".join(names)
+
+
+@dataclass(frozen=True, slots=True)
+class Variable:
+    name: str
+    attr: str
+    default: str | None
+    parse: Callable[[str], Any]
+    help: str
+    secret: bool = False
+
+
+VARIABLES: tuple[Variable, ...] = (
+    Variable("ENVIRONMENT", "environment", "development", _choice("development", "production",
+             "test"), "development or production (NODE_ENV is accepted as an alias)"),
+    Variable("PORT", "port", "3000", _port, "HTTP server port"),
+    Variable("HOST", "host", "0.0.0.0", str, "address to listen on"),  # noqa: S104
+    Variable("LOG_LEVEL", "log_level", "info", _choice("error", "warn", "info", "debug"),
+             "logging level (error/warn/info/debug)"),
+    Variable("DATABASE_URL", "database_url", None, _database_url,
+             "PostgreSQL connection string; unset: a SQLite file in ENGINEDGE_DATA_DIR",
+             secret=True),
+    Variable("KAFKA_BROKERS", "kafka_brokers", None, _brokers,
+             "Kafka broker addresses (host:port,...); unset: the in-process bus"),
+    Variable("KAFKA_USERNAME", "kafka_username", None, str, "SASL user name for Kafka"),
+    Variable("KAFKA_PASSWORD", "kafka_password", None, str, "SASL password for Kafka",
+             secret=True),
+    Variable("REDIS_URL", "redis_url", None, _redis_url,
+             "Redis connection string; unset: in-process registry, events and limits",
+             secret=True),
+    Variable("API_KEYS", "api_keys", None, _keys,
+             "comma-separated API keys; unset in development: one is generated", secret=True),
+    Variable("REQUEST_TIMEOUT", "request_timeout", "300", _positive_float,
+             "seconds a request may take before it is TIMEOUT (metadata.timeout overrides)"),
+    Variable("HEALTH_CHECK_INTERVAL", "health_check_interval", "30", _positive_float,
+             "seconds between health checks of each worker"),
+    Variable("WORKER_HEALTH_CHECK_TIMEOUT", "worker_health_check_timeout", "10",
+             _positive_float, "seconds a worker health check may take"),
+    Variable("WORKER_HEARTBEAT_INTERVAL", "worker_heartbeat_interval", "5", _positive_float,
+             "seconds between heartbeats of the built-in workers"),
+    Variable("WORKER_HEARTBEAT_TTL", "worker_heartbeat_ttl", "15", _positive_float,
+             "seconds without a heartbeat after which a worker is UNHEALTHY"),
+    Variable("DISPATCH_TIMEOUT", "dispatch_timeout", "60", _positive_float,
+             "seconds a dispatched request may wait for a worker to start it before it is "
+             "dispatched again"),
+    Variable("MAX_ATTEMPTS", "max_attempts", "3", _positive_int,
+             "dispatch attempts per request before it FAILS"),
+    Variable("RETRY_BACKOFF", "retry_backoff", "1", _positive_float,
+             "seconds before the second attempt; doubles per attempt, at most 30"),
+    Variable("RATE_LIMIT_REQUESTS", "rate_limit_requests", "6000", _positive_int,
+             "API calls allowed per key per window"),
+    Variable("RATE_LIMIT_WINDOW", "rate_limit_window", "60", _positive_int,
+             "rate-limit window in seconds"),
+    Variable("MAX_BODY_BYTES", "max_body_bytes", "1048576", _positive_int,
+             "largest request body accepted (413 above)"),
+    Variable("SWEEP_INTERVAL", "sweep_interval", "1", _positive_float,
+             "seconds between sweeps for timeouts and lost workers"),
+    Variable("DB_POOL_SIZE", "db_pool_size", "10", _positive_int, "database connection pool size"),
+    Variable("DB_CONNECT_RETRIES", "db_connect_retries", "3", _non_negative_int,
+             "database connection retries at start-up"),
+    Variable("DB_RETRY_DELAY", "db_retry_delay", "3", _positive_float,
+             "seconds between database connection retries"),
+    Variable("DB_ACQUIRE_TIMEOUT", "db_acquire_timeout", "60", _positive_float,
+             "seconds to wait for a pooled database connection"),
+    Variable("DB_IDLE_TIMEOUT", "db_idle_timeout", "300", _positive_float,
+             "seconds after which a pooled connection is replaced"),
+    Variable("MIGRATE_ON_START", "migrate_on_start", "true", _bool,
+             "apply database migrations at start-up"),
+    Variable("ENGINEDGE_DATA_DIR", "data_dir", ".enginedge", Path,
+             "directory of the embedded SQLite file and the generated API key"),
+    Variable("BUILTIN_WORKERS", "builtin_workers", None, _workers,
+             "built-in workers to run in-process; default: data-processing with the "
+             "in-process bus, none with Kafka"),
+    Variable("BUILTIN_WORKER_CAPACITY", "builtin_worker_capacity", "4", _positive_int,
+             "concurrent tasks per built-in worker"),
+    Variable("DATA_ROOT", "data_root", ".", Path,
+             "directory the data-processing worker may read files from"),
+    Variable("EVENT_RETENTION", "event_retention", "3600", _positive_float,
+             "seconds a finished request's events stay available to SSE clients"),
+)
+
+PRODUCTION_REQUIRED = ("DATABASE_URL", "KAFKA_BROKERS", "REDIS_URL", "API_KEYS")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    environment: str = "development"
+    port: int = 3000
+    host: str = "0.0.0.0"  # noqa: S104 - a service in a container listens on all interfaces
+    log_level: str = "info"
+    database_url: str | None = None
+    kafka_brokers: str | None = None
+    kafka_username: str | None = None
+    kafka_password: str | None = None
+    redis_url: str | None = None
+    api_keys: str | None = None
+    request_timeout: float = 300
+    health_check_interval: float = 30
+    worker_health_check_timeout: float = 10
+    worker_heartbeat_interval: float = 5
+    worker_heartbeat_ttl: float = 15
+    dispatch_timeout: float = 60
+    max_attempts: int = 3
+    retry_backoff: float = 1
+    rate_limit_requests: int = 6000
+    rate_limit_window: int = 60
+    max_body_bytes: int = 1048576
+    sweep_interval: float = 1
+    db_pool_size: int = 10
+    db_connect_retries: int = 3
+    db_retry_delay: float = 3
+    db_acquire_timeout: float = 60
+    db_idle_timeout: float = 300
+    migrate_on_start: bool = True
+    data_dir: Path = field(default_factory=lambda: Path(".enginedge"))
+    builtin_workers: str | None = None
+    builtin_worker_capacity: int = 4
+    data_root: Path = field(default_factory=lambda: Path("."))
+    event_retention: float = 3600
+
+    @property
+    def production(self) -> bool:
+        return self.environment == "production"
+
+    @property
+    def api_key_list(self) -> list[str]:
+        return self.api_keys.split(",") if self.api_keys else []
+
+    @property
+    def builtin_worker_list(self) -> list[str]:
+        if self.builtin_workers is None:
+            return [] if self.kafka_brokers else ["data-processing"]
+        return [w for w in self.builtin_workers.split(",") if w != "none"]
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'enginedge.db').resolve()}"
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read and check every variable; raise :class:`ConfigError` naming all bad ones."""
+    env = dict(os.environ if environ is None else environ)
+    if "ENVIRONMENT" not in env and "NODE_ENV" in env:
+        env["ENVIRONMENT"] = env["NODE_ENV"]
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    for var in VARIABLES:
+        raw = env.get(var.name)
+        if raw is None or raw.strip() == "":
+            if var.default is None:
+                continue
+            raw = var.default
+        try:
+            values[var.attr] = var.parse(raw.strip())
+        except (ValueError, TypeError) as exc:
+            shown = "(hidden)" if var.secret else repr(raw)
+            reason = str(exc) if isinstance(exc, ValueError) and str(exc) else "is not valid"
+            problems.append(f"{var.name}={shown}: {reason}")
+    if problems:
+        raise ConfigError("invalid configuration: " + "; ".join(problems))
+    settings = Settings(**values)
+    if settings.production:
+        missing = [name for name in PRODUCTION_REQUIRED if not env.get(name, "").strip()]
+        if missing:
+            raise ConfigError(
+                "ENVIRONMENT=production needs " + ", ".join(missing) + " to be set"
+            )
+    return settings
+
+
+def ensure_api_keys(settings: Settings) -> tuple[list[str], str | None]:
+    """The keys to accept, and a key generated for this data directory if none were given.
+
+    In development with no ``API_KEYS``, a key is generated once and kept in the data
+    directory (mode 0600), so the CLI on the same machine finds it and restarts keep it.
+    """
+    if settings.api_key_list:
+        return settings.api_key_list, None
+    path = generated_key_path(settings.data_dir)
+    if path.exists():
+        key = path.read_text().strip()
+        return [key], key
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = "edk_" + secrets.token_urlsafe(24)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(key + "\n")
+    return [key], key
+
+
+def generated_key_path(data_dir: Path) -> Path:
+    return data_dir / "api-key"

@@ -1,0 +1,75 @@
+"""Declaring a worker: its type, capacity and handlers."""
+
+from __future__ import annotations
+
+import inspect
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+JSON = dict[str, Any]
+
+
+class TaskFailed(Exception):
+    """Raise from a handler to fail the request with exactly this message."""
+
+
+@dataclass(slots=True)
+class Task:
+    """One attempt of a request, as a handler sees it."""
+
+    request_id: uuid.UUID
+    attempt: int
+    task_type: str
+    payload: JSON
+    metadata: JSON
+    deadline: datetime
+    _report: Callable[[Any], Awaitable[None]] | None = field(default=None, repr=False)
+    _on_cancel: list[Callable[[], None]] = field(default_factory=list, repr=False)
+
+    async def progress(self, chunk: Any) -> None:
+        """Send a partial result (e.g. a few LLM tokens) to whoever follows the request."""
+        if self._report is not None:
+            await self._report(chunk)
+
+    def on_cancel(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` if the request is cancelled or times out (e.g. to interrupt a
+        query running in a thread, which asyncio cannot interrupt by itself)."""
+        self._on_cancel.append(callback)
+
+
+Handler = Callable[[Task], Awaitable[JSON]] | Callable[[Task], JSON]
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSpec:
+    handler: Handler
+    blocking: bool  # a plain function: run it in a thread so the event loop stays free
+
+
+class WorkerApp:
+    """A worker type and its handlers; run it with :class:`WorkerRuntime`."""
+
+    def __init__(self, worker_type: str, *, capacity: int = 4) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be at least 1")
+        self.type = worker_type
+        self.capacity = capacity
+        self.handlers: dict[str, TaskSpec] = {}
+
+    def task(self, task_type: str) -> Callable[[Handler], Handler]:
+        """Register the decorated function (async, or plain for blocking work) for a type."""
+
+        def register(handler: Handler) -> Handler:
+            self.handlers[task_type] = TaskSpec(
+                handler, blocking=not inspect.iscoroutinefunction(handler)
+            )
+            return handler
+
+        return register
+
+    @property
+    def capabilities(self) -> list[str]:
+        return sorted(self.handlers)

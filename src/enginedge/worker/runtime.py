@@ -1,0 +1,312 @@
+"""Running a :class:`WorkerApp` against a message bus.
+
+The loop pulls dispatches only while it has a free slot, so a busy worker leaves the rest in
+the bus for its peers. Each attempt reports ``progress`` seq 0 when it starts, any partial
+results, then ``completed`` or ``failed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from enginedge.application.ports import BusMessage, MessageBus, Subscription
+from enginedge.domain.messages import (
+    CONTROL_TOPIC,
+    HEARTBEATS_TOPIC,
+    RESULTS_TOPIC,
+    ControlMessage,
+    DispatchMessage,
+    HeartbeatMessage,
+    MalformedMessage,
+    ResultMessage,
+    dead_letter,
+    dlq_topic,
+    requests_topic,
+    worker_group,
+)
+from enginedge.worker.app import JSON, Task, TaskFailed, WorkerApp
+
+log = logging.getLogger(__name__)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class _Running:
+    """An attempt in progress."""
+
+    def __init__(self, task: Task, job: asyncio.Task[None]) -> None:
+        self.task = task
+        self.job = job
+        self.seq = 0
+        self.cancelled = False
+
+
+class WorkerRuntime:
+    """Runs one worker process's (or one embedded worker's) share of the fleet."""
+
+    def __init__(
+        self,
+        app: WorkerApp,
+        bus: MessageBus,
+        *,
+        worker_id: str | None = None,
+        endpoint: str | None = None,
+        heartbeat_interval: float = 5.0,
+        poll_timeout: float = 0.5,
+        drain_timeout: float = 30.0,
+        clock: Callable[[], datetime] = _now,
+    ) -> None:
+        self.app = app
+        self.bus = bus
+        self.id = worker_id or str(uuid.uuid4())
+        self.endpoint = endpoint or f"inprocess://{self.id}"
+        self.heartbeat_interval = heartbeat_interval
+        self.poll_timeout = poll_timeout
+        self.drain_timeout = drain_timeout
+        self._clock = clock
+        self._running: dict[uuid.UUID, _Running] = {}
+        self._slots = asyncio.Semaphore(app.capacity)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
+        self._status = "HEALTHY"
+        self._requests: Subscription | None = None
+        self._control: Subscription | None = None
+        self.max_active = 0  # highest concurrency seen, for tests and the health endpoint
+
+    @property
+    def active(self) -> int:
+        return len(self._running)
+
+    async def start(self) -> None:
+        """Announce the worker and start consuming."""
+        self._requests = await self.bus.subscribe(
+            [requests_topic(self.app.type)], worker_group(self.app.type)
+        )
+        # Control messages reach every worker: each one is its own group.
+        self._control = await self.bus.subscribe([CONTROL_TOPIC], f"worker-control.{self.id}")
+        await self.heartbeat()
+        self._tasks = [
+            asyncio.create_task(self._consume(), name=f"worker-{self.id}-consume"),
+            asyncio.create_task(self._listen_control(), name=f"worker-{self.id}-control"),
+            asyncio.create_task(self._beat(), name=f"worker-{self.id}-heartbeat"),
+        ]
+        log.info("worker started", extra={"workerId": self.id, "workerType": self.app.type,
+                                           "capabilities": self.app.capabilities,
+                                           "capacity": self.app.capacity})
+
+    async def heartbeat(self) -> None:
+        message = HeartbeatMessage(
+            worker_id=self.id,
+            type=self.app.type,
+            endpoint=self.endpoint,
+            capabilities=self.app.capabilities,
+            capacity=self.app.capacity,
+            active=self.active,
+            status=self._status,
+            ts=self._clock(),
+            in_flight=[str(r) for r in self._running],
+        )
+        await self.bus.publish([BusMessage(HEARTBEATS_TOPIC, self.id, message.to_json())])
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_interval)
+            try:
+                await self.heartbeat()
+            except Exception:
+                log.warning("heartbeat not sent", exc_info=True, extra={"workerId": self.id})
+
+    async def _consume(self) -> None:
+        assert self._requests is not None
+        while not self._stopping.is_set():
+            await self._slots.acquire()
+            try:
+                batch = await self._requests.next_batch(1, self.poll_timeout)
+            except Exception:
+                self._slots.release()
+                log.warning("cannot read dispatches; retrying", exc_info=True)
+                await asyncio.sleep(self.poll_timeout)
+                continue
+            if not batch:
+                self._slots.release()
+                continue
+            await self._start(batch[0])
+            await self._requests.commit()
+
+    async def _start(self, message: BusMessage) -> None:
+        try:
+            dispatch = DispatchMessage.from_json(message.value)
+        except MalformedMessage as exc:
+            self._slots.release()
+            await self._dead_letter(message, str(exc))
+            return
+        if dispatch.request_id in self._running or dispatch.deadline <= self._clock():
+            # Already running here (a redelivery), or too late to matter.
+            self._slots.release()
+            return
+        task = Task(
+            request_id=dispatch.request_id,
+            attempt=dispatch.attempt,
+            task_type=dispatch.task_type,
+            payload=dispatch.payload,
+            metadata=dispatch.metadata,
+            deadline=dispatch.deadline,
+        )
+        job = asyncio.create_task(self._run(task, message.headers))
+        self._running[task.request_id] = _Running(task, job)
+        self.max_active = max(self.max_active, self.active)
+
+    async def _run(self, task: Task, headers: Any) -> None:
+        running = self._running[task.request_id]
+        started = time.perf_counter()
+        try:
+            await self._report(task, "progress", 0, headers)
+
+            async def report(chunk: Any) -> None:
+                running.seq += 1
+                await self._report(task, "progress", running.seq, headers, chunk=chunk)
+
+            task._report = report
+            spec = self.app.handlers.get(task.task_type)
+            remaining = (task.deadline - self._clock()).total_seconds()
+            if spec is None:
+                raise TaskFailed(
+                    f"worker type {self.app.type} cannot handle task type {task.task_type}"
+                )
+            call = asyncio.to_thread(spec.handler, task) if spec.blocking else spec.handler(task)
+            result: JSON = await asyncio.wait_for(call, max(remaining, 0.001))  # type: ignore[arg-type]
+            if not isinstance(result, dict):
+                raise TaskFailed(f"the handler returned {type(result).__name__}, not an object")
+            elapsed = _ms(started)
+            await self._report(task, "completed", running.seq + 1, headers, result=result,
+                               processing_time=elapsed)
+            log.info("request processed", extra={"requestId": str(task.request_id),
+                                                 "workerType": self.app.type,
+                                                 "processingTime": elapsed})
+        except asyncio.CancelledError:
+            _interrupt(task)
+            if not running.cancelled:
+                raise  # the runtime is being killed: report nothing, as a crash would
+        except TimeoutError:
+            _interrupt(task)  # past the deadline the orchestrator has already timed it out
+        except Exception as exc:
+            error = str(exc) if isinstance(exc, TaskFailed) else f"{type(exc).__name__}: {exc}"
+            try:
+                await self._report(task, "failed", running.seq + 1, headers, error=error,
+                                   processing_time=_ms(started))
+            except Exception:
+                log.warning("failure not reported", exc_info=True)
+        finally:
+            self._running.pop(task.request_id, None)
+            self._slots.release()
+
+    async def _report(self, task: Task, kind: str, seq: int, headers: Any, *,
+                      result: JSON | None = None, chunk: Any = None, error: str | None = None,
+                      processing_time: int | None = None) -> None:
+        message = ResultMessage(
+            request_id=task.request_id,
+            attempt=task.attempt,
+            worker_id=self.id,
+            kind=kind,  # type: ignore[arg-type]
+            seq=seq,
+            result=result,
+            chunk=chunk,
+            error=error,
+            processing_time_ms=processing_time,
+        )
+        await self.bus.publish([
+            BusMessage(RESULTS_TOPIC, str(task.request_id), message.to_json(), dict(headers))
+        ])
+
+    async def _listen_control(self) -> None:
+        assert self._control is not None
+        while True:
+            try:
+                batch = await self._control.next_batch(100, self.poll_timeout)
+            except Exception:
+                log.warning("cannot read control messages; retrying", exc_info=True)
+                await asyncio.sleep(self.poll_timeout)
+                continue
+            for message in batch:
+                if message.key not in (self.id, "*"):
+                    continue
+                try:
+                    control = ControlMessage.from_json(message.value)
+                except MalformedMessage as exc:
+                    await self._dead_letter(message, str(exc))
+                    continue
+                self.cancel(control.request_id)
+            if batch:
+                await self._control.commit()
+
+    def cancel(self, request_id: uuid.UUID) -> bool:
+        """Interrupt the handler running ``request_id``; False if it is not running here."""
+        running = self._running.get(request_id)
+        if running is None:
+            return False
+        running.cancelled = True
+        running.job.cancel()
+        log.info("request cancelled on the worker", extra={"requestId": str(request_id),
+                                                            "workerType": self.app.type})
+        return True
+
+    async def _dead_letter(self, message: BusMessage, reason: str) -> None:
+        log.warning("message sent to the dead-letter queue",
+                    extra={"topic": message.topic, "reason": reason})
+        await self.bus.publish([BusMessage(dlq_topic(message.topic), message.key,
+                                           dead_letter(message.value, reason, self._clock()),
+                                           dict(message.headers))])
+
+    async def stop(self, drain: bool = True) -> None:
+        """Stop taking work; with ``drain``, let running handlers finish (up to the drain
+        timeout), then tell the orchestrator this worker is gone so anything left is
+        dispatched again."""
+        self._stopping.set()
+        self._status = "DRAINING"
+        consume = self._tasks[0] if self._tasks else None
+        if consume is not None:
+            consume.cancel()
+        if drain and self._running:
+            with contextlib.suppress(Exception):
+                await self.heartbeat()
+            jobs = [r.job for r in self._running.values()]
+            await asyncio.wait(jobs, timeout=self.drain_timeout)
+        await self._cancel_all()
+        self._status = "UNHEALTHY"
+        with contextlib.suppress(Exception):
+            await self.heartbeat()
+        for subscription in (self._requests, self._control):
+            if subscription is not None:
+                with contextlib.suppress(Exception):
+                    await subscription.close()
+
+    async def kill(self) -> None:
+        """Stop at once without a word to the orchestrator, as a crash would (for tests)."""
+        self._stopping.set()
+        await self._cancel_all()
+
+    async def _cancel_all(self) -> None:
+        jobs = [r.job for r in self._running.values()]
+        for task in [*self._tasks, *jobs]:
+            task.cancel()
+        await asyncio.gather(*self._tasks, *jobs, return_exceptions=True)
+        self._tasks = []
+
+
+def _interrupt(task: Task) -> None:
+    for callback in task._on_cancel:
+        with contextlib.suppress(Exception):
+            callback()
+
+
+def _ms(started: float) -> int:
+    return int((time.perf_counter() - started) * 1000)
