@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -138,17 +139,20 @@ async def list_requests(ctx: Context, query: RequestQuery) -> tuple[list[Request
 
 
 def encode_cursor(created_at: datetime, request_id: uuid.UUID) -> str:
-    return f"{created_at.isoformat()}~{request_id}"
+    """An opaque, URL-safe page position: the last row's creation time and id."""
+    raw = f"{created_at.isoformat()}~{request_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID] | None:
     """The position a cursor names, or None if it is not one of ours."""
-    created, sep, ident = cursor.partition("~")
-    if not sep:
-        return None
     try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        created, sep, ident = raw.partition("~")
+        if not sep:
+            return None
         return datetime.fromisoformat(created), uuid.UUID(ident)
-    except ValueError:
+    except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors
         return None
 
 

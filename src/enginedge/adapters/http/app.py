@@ -17,6 +17,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from enginedge import __version__
 from enginedge.adapters.http.auth import KeyChecker, api_key_header, bearer, presented_key
 from enginedge.adapters.http.errors import install_error_handlers
+from enginedge.adapters.http.limits import BodySizeLimit
 from enginedge.adapters.http.schemas import (
     ErrorBody,
     HealthView,
@@ -319,8 +320,8 @@ def create_app(service: Service, keys: list[str], max_body_bytes: int) -> FastAP
         description="Orchestrator for AI/ML workloads: submit tasks, follow them, watch the "
         "fleet. Authenticate with `X-API-Key` (or `Authorization: Bearer`).",
         lifespan=lifespan,
-        max_body_size=max_body_bytes,
     )
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
     app.state.service = service
     app.state.keys = KeyChecker(keys)
     install_error_handlers(app)

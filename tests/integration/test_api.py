@@ -1,0 +1,475 @@
+"""The HTTP API end to end, on the embedded SQLite store and on a real PostgreSQL server.
+
+Every test runs the whole service: uvicorn, the outbox relay, the bus consumer, the sweeper
+and in-process workers (the built-in data-processing one and SDK-written test workers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.support.harness import API_KEY, OTHER_KEY, Running, fast_settings, run_service
+from tests.support.workers import Probe, testing_worker
+
+H = {"X-API-Key": API_KEY}
+SQL_PAYLOAD = {
+    "sql": "SELECT city, sum(amount) AS total, count(*) AS n FROM sales "
+           "GROUP BY city ORDER BY city",
+    "tables": {"sales": [
+        {"city": "Lyon", "amount": 10.5}, {"city": "Oslo", "amount": 4},
+        {"city": "Lyon", "amount": 1.5}, {"city": "Oslo", "amount": 6},
+        {"city": "Kyiv", "amount": 7},
+    ]},
+}
+
+
+@pytest.fixture
+def probe() -> Probe:
+    return Probe()
+
+
+@pytest.fixture
+async def svc(database_url: str, tmp_path: Path, probe: Probe) -> AsyncIterator[Running]:
+    settings = fast_settings(tmp_path, database_url)
+    async with run_service(settings, [testing_worker(probe)]) as running:
+        yield running
+
+
+def error_of(response: Any) -> dict[str, Any]:
+    body = response.json()
+    assert set(body) == {"error"}, body
+    detail: dict[str, Any] = body["error"]
+    assert {"code", "message"} <= set(detail)
+    return detail
+
+
+# ------------------------------------------------------------------ the data-processing worker
+
+
+async def test_sql_task_returns_the_computed_result(svc: Running) -> None:
+    response = await svc.submit("data.sql", SQL_PAYLOAD)
+    assert response.status_code == 202, response.text
+    accepted = response.json()
+    assert accepted["status"] == "PENDING"
+    assert accepted["workerType"] == "data-processing"
+    assert accepted["statusUrl"] == f"/api/requests/{accepted['requestId']}"
+    final = await svc.wait_terminal(accepted["requestId"])
+    assert final["status"] == "COMPLETED", final
+    assert final["result"] == {
+        "columns": ["city", "total", "n"],
+        "rows": [["Kyiv", 7.0, 1], ["Lyon", 12.0, 2], ["Oslo", 10.0, 2]],
+    }
+    assert final["attempts"] == 1
+    assert final["workerId"] is not None
+    assert final["processingTime"] is not None
+    for stamp in ("createdAt", "dispatchedAt", "startedAt", "finishedAt"):
+        assert final[stamp] is not None
+
+
+async def test_describe_task_gives_column_statistics(svc: Running) -> None:
+    records = [{"x": 1, "y": "a"}, {"x": 4, "y": None}, {"x": 10, "y": "c"}, {"x": None}]
+    response = await svc.submit("data.describe", {"records": records})
+    final = await svc.wait_terminal(response.json()["requestId"])
+    assert final["status"] == "COMPLETED", final
+    x = final["result"]["columns"]["x"]
+    assert (x["count"], x["nulls"], x["min"], x["max"]) == (3, 1, 1, 10)
+    assert x["mean"] == pytest.approx(5.0)
+    assert x["std"] == pytest.approx(statistics.stdev([1, 4, 10]))
+    y = final["result"]["columns"]["y"]
+    assert (y["count"], y["nulls"], y["min"], y["max"], y["mean"]) == (2, 2, "a", "c", None)
+
+
+async def test_describe_reads_a_csv_file_under_the_data_root(svc: Running, tmp_path: Path
+                                                              ) -> None:
+    (tmp_path / "prices.csv").write_text("item,price\napple,2\npear,4\nfig,9\n")
+    response = await svc.submit("data.describe", {"file": "prices.csv", "columns": ["price"]})
+    final = await svc.wait_terminal(response.json()["requestId"])
+    assert final["status"] == "COMPLETED", final
+    assert final["result"]["columns"]["price"]["mean"] == pytest.approx(5.0)
+
+
+async def test_invalid_sql_fails_with_a_readable_error(svc: Running) -> None:
+    response = await svc.submit("data.sql", {"sql": "SELEC nothing", "tables": {"t": [{"a": 1}]}})
+    final = await svc.wait_terminal(response.json()["requestId"])
+    assert final["status"] == "FAILED"
+    assert final["error"].startswith("SQL error:")
+    assert "syntax error" in final["error"]
+    assert final["result"] is None
+
+
+async def test_sql_cannot_read_files_it_was_not_given(svc: Running) -> None:
+    response = await svc.submit("data.sql", {"sql": "SELECT * FROM read_csv('/etc/passwd')",
+                                             "tables": {"t": [{"a": 1}]}})
+    final = await svc.wait_terminal(response.json()["requestId"])
+    assert final["status"] == "FAILED"
+    assert "disabled" in final["error"] or "Permission" in final["error"]
+
+
+# ------------------------------------------------------------------ the error model
+
+
+async def test_missing_or_wrong_key_is_401(svc: Running) -> None:
+    for headers in ({}, {"X-API-Key": "wrong-key-000000"}, {"Authorization": "Bearer nope"}):
+        response = await svc.client.post("/api/orchestrate", headers=headers,
+                                         json={"taskType": "data.sql", "payload": SQL_PAYLOAD})
+        assert response.status_code == 401
+        assert error_of(response)["code"] == "INVALID_API_KEY"
+    bearer = await svc.client.get("/api/requests", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert bearer.status_code == 200
+
+
+@pytest.mark.parametrize(("task_type", "expected"), [
+    ("Not A Type!", "INVALID_TASK_TYPE"),
+    ("x" * 51, "INVALID_TASK_TYPE"),
+    ("nobody.does.this", "INVALID_TASK_TYPE"),
+])
+async def test_bad_task_types_are_422(svc: Running, task_type: str, expected: str) -> None:
+    response = await svc.submit(task_type, {"a": 1})
+    assert response.status_code == 422
+    assert error_of(response)["code"] == expected
+
+
+async def test_missing_task_type_is_invalid_task_type(svc: Running) -> None:
+    response = await svc.client.post("/api/orchestrate", headers=H, json={"payload": {}})
+    assert response.status_code == 422
+    assert error_of(response)["code"] == "INVALID_TASK_TYPE"
+
+
+@pytest.mark.parametrize("body", [
+    b'{"taskType": "data.sql"}',
+    b'{"taskType": "data.sql", "payload": [1, 2]}',
+    b'{"taskType": "data.sql", "payload": {"sql": ""}}',
+    b'{"taskType": "data.sql", "payload": {"sql": "select 1", "tables": {"t": [1]}}}',
+    b'{"taskType": "data.sql", "payload": {"sql": "select 1", "files": {"t": "/x.txt"}}}',
+    b'{"taskType": "data.describe", "payload": {"records": [], "file": "a.csv"}}',
+    b'{"taskType": "data.sql", "payload": {"sql": "x", "tables": {"t": []}}, '
+    b'"metadata": {"timeout": -1}}',
+    b'{"taskType": "data.sql", "payload": {"sql": "x", "tables": {"t": []}}, '
+    b'"metadata": {"priority": "high"}}',
+    b'{"taskType": "data.sql", "payload": {"sql": "x", "tables": {"t": []}}, '
+    b'"metadata": {"callbackUrl": "ftp://x"}}',
+    b'{"taskType": "data.sql", "payload": ',
+    b'not json at all',
+    b'\xff\xfe\x00garbage',
+])
+async def test_bad_payloads_are_422_and_store_nothing(svc: Running, body: bytes) -> None:
+    response = await svc.client.post("/api/orchestrate", content=body,
+                                     headers={**H, "Content-Type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert error_of(response)["code"] == "INVALID_REQUEST_PAYLOAD"
+    listing = await svc.client.get("/api/requests", headers=H)
+    assert listing.json()["items"] == []
+
+
+async def test_oversized_body_is_413(svc: Running) -> None:
+    big = {"sql": "select 1", "tables": {"t": [{"a": "x" * 1000}] * 1100}}
+    response = await svc.submit("data.sql", big)
+    assert response.status_code == 413
+    assert error_of(response)["code"] == "PAYLOAD_TOO_LARGE"
+
+
+async def test_unknown_request_is_404(svc: Running) -> None:
+    for rid in ("6f1c1a55-0000-4000-8000-000000000000", "not-a-uuid"):
+        response = await svc.client.get(f"/api/requests/{rid}", headers=H)
+        assert response.status_code == 404
+        detail = error_of(response)
+        assert detail["code"] == "REQUEST_NOT_FOUND"
+        assert detail["requestId"] == rid
+        cancel = await svc.client.post(f"/api/requests/{rid}/cancel", headers=H)
+        assert cancel.status_code == 404
+
+
+async def test_no_eligible_workers_is_503_with_the_guides_message(svc: Running) -> None:
+    response = await svc.submit("llm.chat", {"messages": [{"role": "user", "content": "hi"}]})
+    assert response.status_code == 503
+    detail = error_of(response)
+    assert detail["code"] == "NO_ELIGIBLE_WORKERS"
+    assert detail["message"] == "No eligible workers for task type llm.chat"
+
+
+async def test_cancel_of_a_finished_request_is_409(svc: Running) -> None:
+    rid = (await svc.submit("test.echo", {"n": 1})).json()["requestId"]
+    assert (await svc.wait_terminal(rid))["status"] == "COMPLETED"
+    response = await svc.client.post(f"/api/requests/{rid}/cancel", headers=H)
+    assert response.status_code == 409
+    assert error_of(response)["code"] == "CANNOT_CANCEL"
+
+
+async def test_unknown_path_and_method_keep_the_error_shape(svc: Running) -> None:
+    missing = await svc.client.get("/api/nothing", headers=H)
+    assert missing.status_code == 404
+    assert error_of(missing)["code"] == "NOT_FOUND"
+    wrong = await svc.client.delete("/api/orchestrate", headers=H)
+    assert wrong.status_code == 405
+    assert error_of(wrong)["code"] == "METHOD_NOT_ALLOWED"
+
+
+async def test_rate_limit_is_per_key_with_retry_after(database_url: str, tmp_path: Path
+                                                      ) -> None:
+    settings = fast_settings(tmp_path, database_url, rate_limit_requests=5, rate_limit_window=60)
+    async with run_service(settings) as svc:
+        codes = [(await svc.client.get("/api/requests", headers=H)).status_code
+                 for _ in range(7)]
+        assert codes == [200] * 5 + [429] * 2
+        limited = await svc.client.get("/api/requests", headers=H)
+        assert error_of(limited)["code"] == "RATE_LIMIT_EXCEEDED"
+        assert 1 <= int(limited.headers["Retry-After"]) <= 60
+        other = await svc.client.get("/api/requests", headers={"X-API-Key": OTHER_KEY})
+        assert other.status_code == 200
+
+
+# ------------------------------------------------------------------ idempotency
+
+
+async def test_same_idempotency_key_returns_the_first_request(svc: Running) -> None:
+    headers = {"Idempotency-Key": "order-42"}
+    first = await svc.submit("test.echo", {"n": 1}, headers=headers)
+    again = await svc.submit("test.echo", {"n": 2}, headers=headers)
+    assert first.status_code == again.status_code == 202
+    assert again.json()["requestId"] == first.json()["requestId"]
+    assert again.headers.get("Idempotent-Replayed") == "true"
+    other_caller = await svc.submit("test.echo", {"n": 3}, headers=headers, key=OTHER_KEY)
+    assert other_caller.json()["requestId"] != first.json()["requestId"]
+    concurrent = await asyncio.gather(*[
+        svc.submit("test.echo", {"n": i}, headers={"Idempotency-Key": "burst"})
+        for i in range(8)
+    ])
+    assert len({r.json()["requestId"] for r in concurrent}) == 1
+    listing = (await svc.client.get("/api/requests?taskType=test.echo", headers=H)).json()
+    assert len(listing["items"]) == 3
+
+
+# ------------------------------------------------------------------ listing
+
+
+async def test_list_filters_and_paginates_with_a_cursor(svc: Running) -> None:
+    ids = [(await svc.submit("test.echo", {"i": i})).json()["requestId"] for i in range(7)]
+    failed = (await svc.submit("data.sql", {"sql": "bad sql", "tables": {"t": [{"a": 1}]}}))
+    for rid in ids:
+        await svc.wait_terminal(rid)
+    await svc.wait_terminal(failed.json()["requestId"])
+    seen: list[str] = []
+    cursor = None
+    while True:
+        url = "/api/requests?taskType=test.echo&limit=3" + (f"&cursor={cursor}" if cursor else "")
+        page = (await svc.client.get(url, headers=H)).json()
+        assert len(page["items"]) <= 3
+        seen += [item["requestId"] for item in page["items"]]
+        cursor = page["nextCursor"]
+        if cursor is None:
+            break
+    assert seen == list(reversed(ids))
+    only_failed = (await svc.client.get("/api/requests?status=FAILED", headers=H)).json()
+    assert [i["requestId"] for i in only_failed["items"]] == [failed.json()["requestId"]]
+    both = (await svc.client.get("/api/requests?status=FAILED,COMPLETED&limit=100",
+                                 headers=H)).json()
+    assert len(both["items"]) == 8
+    future = (await svc.client.get("/api/requests?since=2999-01-01T00:00:00Z", headers=H)).json()
+    assert future["items"] == []
+    for bad in ("status=DONE", "cursor=zzz", "since=yesterday", "limit=0"):
+        response = await svc.client.get(f"/api/requests?{bad}", headers=H)
+        assert response.status_code == 422, bad
+        assert error_of(response)["code"] == "INVALID_REQUEST_PAYLOAD"
+
+
+# ------------------------------------------------------------------ cancel and timeout
+
+
+async def test_cancel_a_running_request_stops_its_handler(svc: Running, probe: Probe) -> None:
+    rid = (await svc.submit("test.hang", {})).json()["requestId"]
+    await svc.wait_for(rid, lambda b: b["status"] == "PROCESSING")
+    response = await svc.client.post(f"/api/requests/{rid}/cancel", headers=H)
+    assert response.status_code == 200
+    assert response.json()["status"] == "CANCELLED"
+    for _ in range(100):
+        if rid in probe.cancelled:
+            break
+        await asyncio.sleep(0.01)
+    assert rid in probe.cancelled  # the handler was interrupted within a second
+    final = await svc.get(rid)
+    assert final["status"] == "CANCELLED"
+    assert rid not in probe.completed
+
+
+async def test_cancel_a_pending_request(database_url: str, tmp_path: Path, probe: Probe) -> None:
+    settings = fast_settings(tmp_path, database_url)
+    async with run_service(settings, [testing_worker(probe, capacity=1)]) as svc:
+        busy = (await svc.submit("test.hang", {})).json()["requestId"]
+        await svc.wait_for(busy, lambda b: b["status"] == "PROCESSING")
+        queued = (await svc.submit("test.echo", {})).json()["requestId"]
+        await svc.wait_for(queued, lambda b: b["status"] in ("PENDING", "DISPATCHED"))
+        cancelled = await svc.client.post(f"/api/requests/{queued}/cancel", headers=H)
+        assert cancelled.json()["status"] == "CANCELLED"
+        probe.release.set()
+        assert (await svc.wait_terminal(busy))["status"] == "COMPLETED"
+        await asyncio.sleep(0.3)
+        # The worker later took the cancelled dispatch from its queue; nothing changed.
+        assert (await svc.get(queued))["status"] == "CANCELLED"
+
+
+async def test_request_timeout_ends_timeout_and_stops_the_worker(svc: Running, probe: Probe
+                                                                 ) -> None:
+    rid = (await svc.submit("test.hang", {}, metadata={"timeout": 0.5})).json()["requestId"]
+    final = await svc.wait_terminal(rid)
+    assert final["status"] == "TIMEOUT"
+    assert "0.5s" in final["error"]
+    for _ in range(100):
+        if rid in probe.cancelled:
+            break
+        await asyncio.sleep(0.01)
+    assert rid in probe.cancelled
+
+
+# ------------------------------------------------------------------ lost workers
+
+
+async def test_a_silent_worker_loses_its_request_to_another(database_url: str, tmp_path: Path,
+                                                            probe: Probe) -> None:
+    settings = fast_settings(tmp_path, database_url, builtin_workers="none")
+    async with run_service(settings, [testing_worker(probe, capacity=1)]) as svc:
+        rid = (await svc.submit("test.hang", {})).json()["requestId"]
+        first = await svc.wait_for(rid, lambda b: b["status"] == "PROCESSING")
+        doomed = next(w for w in svc.service.workers if w.id == first["workerId"])
+        await doomed.kill()  # no more heartbeats, no word to the orchestrator
+        # A second worker joins; the request must move to it once the first is declared lost.
+        from enginedge.worker import WorkerRuntime
+
+        rescuer = WorkerRuntime(testing_worker(probe, capacity=1), svc.service.ctx.bus,
+                                heartbeat_interval=0.2)
+        await rescuer.start()
+        try:
+            moved = await svc.wait_for(
+                rid, lambda b: b["status"] == "PROCESSING" and b["workerId"] == rescuer.id)
+            assert moved["attempts"] == 2
+            probe.release.set()
+            final = await svc.wait_terminal(rid)
+            assert final["status"] == "COMPLETED"
+            assert final["attempts"] == 2
+            workers = (await svc.client.get("/api/workers", headers=H)).json()["items"]
+            status = {w["workerId"]: w["status"] for w in workers}
+            assert status[doomed.id] == "UNHEALTHY"
+            assert status[rescuer.id] == "HEALTHY"
+        finally:
+            await rescuer.stop()
+
+
+async def test_attempts_are_bounded_then_failed_with_the_reason(database_url: str,
+                                                                tmp_path: Path) -> None:
+    from enginedge.worker import WorkerRuntime
+
+    probe = Probe()
+    settings = fast_settings(tmp_path, database_url, builtin_workers="none", max_attempts=2)
+    async with run_service(settings, [testing_worker(probe, capacity=1)]) as svc:
+        rid = (await svc.submit("test.hang", {})).json()["requestId"]
+        first = await svc.wait_for(rid, lambda b: b["status"] == "PROCESSING")
+        await next(w for w in svc.service.workers if w.id == first["workerId"]).kill()
+        second = WorkerRuntime(testing_worker(probe, capacity=1), svc.service.ctx.bus,
+                               heartbeat_interval=0.2)
+        await second.start()
+        await svc.wait_for(rid, lambda b: b["workerId"] == second.id)
+        await second.kill()
+        final = await svc.wait_terminal(rid)
+        assert final["status"] == "FAILED"
+        assert final["attempts"] == 2
+        assert "lost" in final["error"] and "gave up after 2 attempts" in final["error"]
+
+
+# ------------------------------------------------------------------ events (SSE)
+
+
+async def read_events(svc: Running, rid: str, headers: dict[str, str] | None = None,
+                      ) -> list[tuple[str, str, dict[str, Any]]]:
+    events: list[tuple[str, str, dict[str, Any]]] = []
+    async with svc.client.stream("GET", f"/api/requests/{rid}/events",
+                                 headers={**H, **(headers or {})}) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        ident, kind, data = "", "message", ""
+        async for line in response.aiter_lines():
+            line = line.rstrip("\r")
+            if line.startswith("id:"):
+                ident = line[3:].strip()
+            elif line.startswith("event:"):
+                kind = line[6:].strip()
+            elif line.startswith("data:"):
+                data += line[5:].strip()
+            elif line == "" and data:
+                events.append((ident, kind, orjson.loads(data)))
+                ident, kind, data = "", "message", ""
+    return events
+
+
+async def test_events_stream_every_status_and_partial_result(svc: Running) -> None:
+    rid = (await svc.submit("test.stream", {"chunks": 25})).json()["requestId"]
+    events = await asyncio.wait_for(read_events(svc, rid), 15)
+    statuses = [d["status"] for _, k, d in events if k == "status"]
+    assert statuses == ["PENDING", "DISPATCHED", "PROCESSING", "COMPLETED"]
+    chunks = [d["chunk"]["text"] for _, k, d in events if k == "progress"]
+    assert chunks == [f"t{i} " for i in range(25)]
+    assert events[-1][2]["result"] == {"chunks": 25}
+    # A client that lost the connection after the 10th event gets exactly the rest.
+    resumed = await read_events(svc, rid, {"Last-Event-ID": events[9][0]})
+    assert [e[0] for e in resumed] == [e[0] for e in events[10:]]
+    # Connecting after the end still tells the outcome.
+    late = await read_events(svc, rid)
+    assert late[-1][2]["status"] == "COMPLETED"
+
+
+async def test_events_of_an_unknown_request_are_404(svc: Running) -> None:
+    response = await svc.client.get(
+        "/api/requests/6f1c1a55-0000-4000-8000-000000000000/events", headers=H)
+    assert response.status_code == 404
+    assert error_of(response)["code"] == "REQUEST_NOT_FOUND"
+
+
+# ------------------------------------------------------------------ fleet, probes, docs
+
+
+async def test_workers_registry(svc: Running) -> None:
+    workers = (await svc.client.get("/api/workers", headers=H)).json()["items"]
+    by_type = {w["type"]: w for w in workers}
+    assert set(by_type) == {"data-processing", "testing"}
+    data = by_type["data-processing"]
+    assert data["status"] == "HEALTHY"
+    assert data["capabilities"] == ["data.describe", "data.sql"]
+    assert data["capacity"] == 4
+    one = await svc.client.get(f"/api/workers/{data['workerId']}", headers=H)
+    assert one.json()["workerId"] == data["workerId"]
+    missing = await svc.client.get("/api/workers/nobody", headers=H)
+    assert missing.status_code == 404
+    assert error_of(missing)["code"] == "WORKER_NOT_FOUND"
+
+
+async def test_probes_and_metrics_need_no_key(svc: Running) -> None:
+    live = await svc.client.get("/live")
+    assert live.status_code == 200
+    ready = await svc.client.get("/ready")
+    assert ready.status_code == 200, ready.text
+    assert {c["status"] for c in ready.json()["components"].values()} == {"up"}
+    health = (await svc.client.get("/health")).json()
+    assert health["status"] == "ok"
+    assert health["workers"]["data-processing"] == {"healthy": 1, "total": 1}
+    rid = (await svc.submit("test.echo", {})).json()["requestId"]
+    await svc.wait_terminal(rid)
+    text = (await svc.client.get("/metrics")).text
+    assert 'enginedge_requests_total{status="success"} 1.0' in text
+    assert 'enginedge_worker_health_status{status="healthy",worker_type="testing"} 1.0' in text
+    assert "enginedge_request_duration_seconds{quantile=\"0.95\"}" in text
+
+
+async def test_openapi_document_lists_every_endpoint(svc: Running) -> None:
+    doc = (await svc.client.get("/openapi.json")).json()
+    assert set(doc["paths"]) >= {
+        "/api/orchestrate", "/api/requests", "/api/requests/{request_id}",
+        "/api/requests/{request_id}/cancel", "/api/requests/{request_id}/events",
+        "/api/workers", "/api/workers/{worker_id}", "/health", "/ready", "/live", "/metrics",
+    }
+    schemes = doc["components"]["securitySchemes"]
+    assert {s["type"] for s in schemes.values()} >= {"apiKey", "http"}

@@ -1,0 +1,115 @@
+"""Run a real service (uvicorn on a free port, in the test's event loop) and talk to it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+from fastapi import FastAPI
+
+from enginedge.bootstrap import Service
+from enginedge.config import Settings
+from enginedge.entrypoints.asgi import build_app
+from enginedge.worker import WorkerApp
+from tests.support.servers import free_port
+
+API_KEY = "test-key-0123456789"
+OTHER_KEY = "other-key-0123456789"
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}
+
+
+def fast_settings(data_dir: Path, database_url: str | None = None, **overrides: Any) -> Settings:
+    """Settings with short timings, so that timeouts and lost workers show within seconds."""
+    base = Settings(
+        environment="test",
+        database_url=database_url,
+        api_keys=f"{API_KEY},{OTHER_KEY}",
+        data_dir=data_dir,
+        data_root=data_dir,
+        sweep_interval=0.1,
+        worker_heartbeat_interval=0.2,
+        worker_heartbeat_ttl=1.0,
+        dispatch_timeout=5.0,
+        retry_backoff=0.05,
+        db_connect_retries=0,
+        log_level="warn",
+    )
+    return replace(base, **overrides)
+
+
+@dataclass
+class Running:
+    url: str
+    app: FastAPI
+    client: httpx.AsyncClient
+
+    @property
+    def service(self) -> Service:
+        service: Service = self.app.state.service
+        return service
+
+    async def submit(self, task_type: str, payload: dict[str, Any], *,
+                     metadata: dict[str, Any] | None = None, key: str = API_KEY,
+                     headers: dict[str, str] | None = None) -> httpx.Response:
+        body: dict[str, Any] = {"taskType": task_type, "payload": payload}
+        if metadata is not None:
+            body["metadata"] = metadata
+        return await self.client.post("/api/orchestrate", json=body,
+                                      headers={"X-API-Key": key, **(headers or {})})
+
+    async def get(self, request_id: str) -> dict[str, Any]:
+        response = await self.client.get(f"/api/requests/{request_id}",
+                                         headers={"X-API-Key": API_KEY})
+        assert response.status_code == 200, response.text
+        body: dict[str, Any] = response.json()
+        return body
+
+    async def wait_for(self, request_id: str, predicate: Callable[[dict[str, Any]], bool],
+                       timeout: float = 15.0) -> dict[str, Any]:
+        """Poll the public API until ``predicate`` holds for the request."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            body = await self.get(request_id)
+            if predicate(body):
+                return body
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"request never matched; last seen: {body}")
+            await asyncio.sleep(0.02)
+
+    async def wait_terminal(self, request_id: str, timeout: float = 15.0) -> dict[str, Any]:
+        return await self.wait_for(request_id, lambda b: b["status"] in TERMINAL, timeout)
+
+
+@contextlib.asynccontextmanager
+async def run_service(settings: Settings, workers: list[WorkerApp] | None = None
+                      ) -> AsyncIterator[Running]:
+    """Start the whole service (lifespan, loops, workers) on a free port; stop it after."""
+    app = build_app(settings, workers)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None,
+                                           access_log=False, lifespan="on"))
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            if task.done():
+                task.result()
+                raise RuntimeError("the server stopped during start-up")
+            await asyncio.sleep(0.01)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            yield Running(f"http://127.0.0.1:{port}", app, client)
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, 30)
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:10]}"

@@ -1,0 +1,146 @@
+"""Real servers for the tests, started as child processes and stopped by their PID.
+
+Each can be replaced by an external one through an environment variable
+(``TEST_DATABASE_URL``); see ``../shared/TEST-INFRA.md`` for what runs on these machines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 20.0, process: subprocess.Popen[bytes] | None = None
+                  ) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"server exited with code {process.returncode} before listening")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout}s")
+
+
+def stop_process(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM,
+                 timeout: float = 15.0) -> int:
+    """Stop a child by its PID: ``sig``, then SIGKILL if it has not exited in time."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, sig)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGKILL)
+            process.wait(5)
+    return int(process.returncode)
+
+
+def postgres_bin_dir() -> Path:
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if candidates:
+        return Path(candidates[-1]).parent
+    raise RuntimeError(
+        "PostgreSQL server binaries not found: `make test` installs them "
+        "(Debian package postgresql), or set TEST_DATABASE_URL to an external server"
+    )
+
+
+def _run_as() -> tuple[int, int] | None:
+    """PostgreSQL refuses to run as root: as root, run it as the 'postgres' (or 'nobody')
+    user."""
+    if os.geteuid() != 0:
+        return None
+    for name in ("postgres", "nobody"):
+        with contextlib.suppress(KeyError):
+            entry = pwd.getpwnam(name)
+            return entry.pw_uid, entry.pw_gid
+    raise RuntimeError("running as root and no 'postgres' or 'nobody' user to run PostgreSQL")
+
+
+@dataclass
+class PostgresServer:
+    process: subprocess.Popen[bytes]
+    port: int
+    data_dir: Path
+    user_ids: tuple[int, int] | None
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def url_for(self, database: str) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def stop(self) -> None:
+        # SIGINT is PostgreSQL's fast shutdown.
+        stop_process(self.process, signal.SIGINT)
+
+    def kill(self) -> None:
+        stop_process(self.process, signal.SIGKILL)
+
+    def restart(self) -> None:
+        self.stop()
+        self.process = _spawn_postgres(self.data_dir, self.port, self.user_ids)
+        wait_for_port(self.port, process=self.process)
+
+
+def _spawn_postgres(data_dir: Path, port: int, ids: tuple[int, int] | None
+                    ) -> subprocess.Popen[bytes]:
+    bin_dir = postgres_bin_dir()
+    return subprocess.Popen(
+        [str(bin_dir / "postgres"), "-D", str(data_dir), "-p", str(port), "-k", str(data_dir),
+         "-c", "listen_addresses=127.0.0.1", "-c", "max_connections=200",
+         # Test databases are throw-away: skip flushing to disk for speed.
+         "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"],
+        stdout=subprocess.DEVNULL, stderr=open(data_dir / "server.log", "ab"),  # noqa: SIM115
+        user=ids[0] if ids else None, group=ids[1] if ids else None,
+    )
+
+
+@contextlib.contextmanager
+def postgres_server() -> Iterator[PostgresServer]:
+    """A fresh PostgreSQL cluster on a free port, removed afterwards."""
+    bin_dir = postgres_bin_dir()
+    ids = _run_as()
+    root = Path(tempfile.mkdtemp(prefix="enginedge-pg-"))
+    data_dir = root / "data"
+    data_dir.mkdir()
+    if ids:
+        os.chown(root, *ids)
+        os.chown(data_dir, *ids)
+    subprocess.run(
+        [str(bin_dir / "initdb"), "-D", str(data_dir), "-U", "postgres", "--auth=trust",
+         "-E", "UTF8", "--no-sync"],
+        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        user=ids[0] if ids else None, group=ids[1] if ids else None,
+    )
+    port = free_port()
+    server = PostgresServer(_spawn_postgres(data_dir, port, ids), port, data_dir, ids)
+    try:
+        wait_for_port(port, process=server.process)
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
