@@ -42,7 +42,7 @@ async def create_database(postgres: PostgresServer | str) -> str:
 
 @pytest.fixture
 async def pg_url(postgres: PostgresServer | str) -> AsyncIterator[str]:
-    yield await create_database(postgres)
+    return await create_database(postgres)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

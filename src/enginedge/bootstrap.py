@@ -27,6 +27,7 @@ from enginedge.application.maintenance import recover_in_flight, sweep
 from enginedge.application.outbox import relay_outbox
 from enginedge.application.ports import BusMessage, MessageBus, Subscription
 from enginedge.config import ConfigError, Settings
+from enginedge.domain.errors import ServiceUnavailable
 from enginedge.domain.messages import ORCHESTRATOR_GROUP
 from enginedge.worker import WorkerApp, WorkerRuntime
 from enginedge.worker.builtin.data_processing import data_processing_worker
@@ -71,15 +72,18 @@ def builtin_worker_apps(settings: Settings) -> list[WorkerApp]:
     apps = []
     for name in settings.builtin_worker_list:
         if name == "data-processing":
-            apps.append(data_processing_worker(settings.data_root,
-                                               settings.builtin_worker_capacity))
+            apps.append(
+                data_processing_worker(settings.data_root, settings.builtin_worker_capacity)
+            )
     return apps
 
 
 def create_bus(settings: Settings) -> MessageBus:
     if settings.kafka_brokers:
-        raise ConfigError("KAFKA_BROKERS is set, but this build has only the in-process bus; "
-                          "unset it to run embedded")
+        raise ConfigError(
+            "KAFKA_BROKERS is set, but this build has only the in-process bus; "
+            "unset it to run embedded"
+        )
     return InProcessBus()
 
 
@@ -117,14 +121,16 @@ class Service:
             )
             await runtime.start()
             self.workers.append(runtime)
-        await recover_in_flight(self.ctx)
-        self._spawn("relay", self._relay())
-        self._spawn("sweeper", self._every(self.settings.sweep_interval, self._sweep))
-        log.info("orchestrator started", extra={
-            "database": self.store.engine.dialect.name,
-            "bus": type(self.ctx.bus).__name__,
-            "builtinWorkers": [w.app.type for w in self.workers],
-        })
+        await self._wait_for_registration()
+        self._spawn("dispatcher", self._recover_then_dispatch())
+        log.info(
+            "orchestrator started",
+            extra={
+                "database": self.store.engine.dialect.name,
+                "bus": type(self.ctx.bus).__name__,
+                "builtinWorkers": [w.app.type for w in self.workers],
+            },
+        )
 
     async def stop(self) -> None:
         """Stop workers (draining them), publish what the outbox still holds, then exit."""
@@ -141,6 +147,41 @@ class Service:
         await self.ctx.bus.close()
         await self.store.engine.dispose()
 
+    async def _wait_for_registration(self, timeout: float = 5.0) -> None:
+        """Let the in-process workers' first heartbeats land, so that the service does not
+        answer NO_ELIGIBLE_WORKERS for its own built-in workers right after start-up."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        expected = {runtime.id for runtime in self.workers}
+        while asyncio.get_running_loop().time() < deadline:
+            known = {w.id for w in await self.ctx.registry.all()}
+            if expected <= known:
+                return
+            await asyncio.sleep(0.01)
+        log.warning(
+            "built-in workers not registered yet; they will be once their heartbeats are consumed"
+        )
+
+    async def _recover_then_dispatch(self) -> None:
+        """Recover what the last process left in flight, then relay and sweep.
+
+        In the background and retried, so that a service whose schema is still being
+        migrated by someone else starts, answers /live, and becomes ready by itself.
+        """
+        failures = 0
+        while True:
+            try:
+                await recover_in_flight(self.ctx)
+                break
+            except Exception as exc:
+                failures += 1
+                log.warning(
+                    "cannot recover in-flight requests yet; will retry",
+                    extra={"error": f"{type(exc).__name__}: {exc}"},
+                )
+                await asyncio.sleep(min(0.2 * 2**failures, 5.0))
+        self._spawn("relay", self._relay())
+        self._spawn("sweeper", self._every(self.settings.sweep_interval, self._sweep))
+
     def _spawn(self, name: str, coro: Awaitable[None]) -> None:
         self._tasks.append(asyncio.create_task(coro, name=name))  # type: ignore[arg-type]
 
@@ -152,8 +193,10 @@ class Service:
                 failures = 0
             except Exception as exc:
                 failures += 1
-                log.warning("outbox relay failed; will retry",
-                            extra={"error": f"{type(exc).__name__}: {exc}"})
+                log.warning(
+                    "outbox relay failed; will retry",
+                    extra={"error": f"{type(exc).__name__}: {exc}"},
+                )
                 await asyncio.sleep(min(0.2 * 2**failures, 5.0))
                 continue
             if sent == 0:
@@ -166,8 +209,10 @@ class Service:
             try:
                 batch = await subscription.next_batch(CONSUMER_BATCH, RELAY_POLL_SECONDS)
             except Exception as exc:
-                log.warning("cannot read from the bus; will retry",
-                            extra={"error": f"{type(exc).__name__}: {exc}"})
+                log.warning(
+                    "cannot read from the bus; will retry",
+                    extra={"error": f"{type(exc).__name__}: {exc}"},
+                )
                 await asyncio.sleep(1.0)
                 continue
             for message in batch:
@@ -176,14 +221,29 @@ class Service:
                 await subscription.commit()
 
     async def _handle(self, message: BusMessage) -> None:
-        for attempt in range(1, MAX_HANDLING_TRIES + 1):
+        attempt = 0
+        while attempt < MAX_HANDLING_TRIES:
             try:
                 await handle_message(self.ctx, message)
                 return
+            except ServiceUnavailable as exc:
+                # The store is down: wait for it however long it takes; skipping the message
+                # would lose a result.
+                log.warning(
+                    "store unavailable while handling a message; will retry",
+                    extra={"topic": message.topic, "error": exc.message},
+                )
+                await asyncio.sleep(1.0)
             except Exception as exc:
-                log.warning("message handling failed; will retry", extra={
-                    "topic": message.topic, "attempt": attempt,
-                    "error": f"{type(exc).__name__}: {exc}"})
+                attempt += 1
+                log.warning(
+                    "message handling failed; will retry",
+                    extra={
+                        "topic": message.topic,
+                        "attempt": attempt,
+                        "error": f"{type(exc).__name__}: {exc}",
+                    },
+                )
                 await asyncio.sleep(min(0.1 * 2**attempt, 5.0))
         await send_to_dlq(self.ctx, message, f"handling failed {MAX_HANDLING_TRIES} times")
 
@@ -196,13 +256,52 @@ class Service:
             try:
                 await job()
             except Exception as exc:
-                log.warning("periodic job failed; will retry",
-                            extra={"job": getattr(job, "__name__", "job"),
-                                   "error": f"{type(exc).__name__}: {exc}"})
+                log.warning(
+                    "periodic job failed; will retry",
+                    extra={
+                        "job": getattr(job, "__name__", "job"),
+                        "error": f"{type(exc).__name__}: {exc}",
+                    },
+                )
+
+
+class StartupError(RuntimeError):
+    """The service cannot start; the message says why in one line, with no secret in it."""
+
+
+async def preflight(settings: Settings) -> None:
+    """Reach the database (with the configured retries) and migrate it, before serving.
+
+    Run by ``enginedge serve`` ahead of the server so that the common start-up failures
+    are one clear line, not a traceback from inside the ASGI lifespan.
+    """
+    engine = create_engine(settings.effective_database_url, pool_from(settings))
+    where = engine.url.render_as_string(hide_password=True)
+    try:
+        try:
+            await connect_with_retries(engine, pool_from(settings))
+        except Exception as exc:
+            raise StartupError(
+                f"cannot reach the database at {where}: {type(exc).__name__}: {exc}"
+            ) from None
+        if settings.migrate_on_start:
+            try:
+                await upgrade(engine)
+            except Exception as exc:
+                raise StartupError(
+                    f"cannot migrate the database at {where}: {type(exc).__name__}: {exc}"
+                ) from None
+    finally:
+        await engine.dispose()
 
 
 def build_service(settings: Settings, extra_workers: list[WorkerApp] | None = None) -> Service:
     """Wire the adapters that ``settings`` select into a :class:`Service`."""
+    if settings.redis_url:
+        raise ConfigError(
+            "REDIS_URL is set, but this build has only the in-process cache; "
+            "unset it to run embedded"
+        )
     engine = create_engine(settings.effective_database_url, pool_from(settings))
     metrics = PrometheusMetrics()
     ctx = Context(
@@ -216,5 +315,6 @@ def build_service(settings: Settings, extra_workers: list[WorkerApp] | None = No
         clock=SystemClock(),
         policy=policy_from(settings),
     )
-    return Service(settings=settings, ctx=ctx, metrics=metrics,
-                   extra_workers=list(extra_workers or []))
+    return Service(
+        settings=settings, ctx=ctx, metrics=metrics, extra_workers=list(extra_workers or [])
+    )

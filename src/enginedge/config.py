@@ -101,8 +101,9 @@ def _workers(value: str) -> str:
     names = [n.strip() for n in value.split(",") if n.strip()]
     unknown = set(names) - {"data-processing", "none"}
     if unknown:
-        raise ValueError(f"unknown built-in worker(s) {', '.join(sorted(unknown))}; "
-                         "known: data-processing, none")
+        raise ValueError(
+            f"unknown built-in worker(s) {', '.join(sorted(unknown))}; known: data-processing, none"
+        )
     return ",".join(names)
 
 
@@ -117,72 +118,212 @@ class Variable:
 
 
 VARIABLES: tuple[Variable, ...] = (
-    Variable("ENVIRONMENT", "environment", "development", _choice("development", "production",
-             "test"), "development or production (NODE_ENV is accepted as an alias)"),
+    Variable(
+        "ENVIRONMENT",
+        "environment",
+        "development",
+        _choice("development", "production", "test"),
+        "development or production (NODE_ENV is accepted as an alias)",
+    ),
     Variable("PORT", "port", "3000", _port, "HTTP server port"),
     Variable("HOST", "host", "0.0.0.0", str, "address to listen on"),  # noqa: S104
-    Variable("LOG_LEVEL", "log_level", "info", _choice("error", "warn", "info", "debug"),
-             "logging level (error/warn/info/debug)"),
-    Variable("DATABASE_URL", "database_url", None, _database_url,
-             "PostgreSQL connection string; unset: a SQLite file in ENGINEDGE_DATA_DIR",
-             secret=True),
-    Variable("KAFKA_BROKERS", "kafka_brokers", None, _brokers,
-             "Kafka broker addresses (host:port,...); unset: the in-process bus"),
+    Variable(
+        "LOG_LEVEL",
+        "log_level",
+        "info",
+        _choice("error", "warn", "info", "debug"),
+        "logging level (error/warn/info/debug)",
+    ),
+    Variable(
+        "DATABASE_URL",
+        "database_url",
+        None,
+        _database_url,
+        "PostgreSQL connection string; unset: a SQLite file in ENGINEDGE_DATA_DIR",
+        secret=True,
+    ),
+    Variable(
+        "KAFKA_BROKERS",
+        "kafka_brokers",
+        None,
+        _brokers,
+        "Kafka broker addresses (host:port,...); unset: the in-process bus",
+    ),
     Variable("KAFKA_USERNAME", "kafka_username", None, str, "SASL user name for Kafka"),
-    Variable("KAFKA_PASSWORD", "kafka_password", None, str, "SASL password for Kafka",
-             secret=True),
-    Variable("REDIS_URL", "redis_url", None, _redis_url,
-             "Redis connection string; unset: in-process registry, events and limits",
-             secret=True),
-    Variable("API_KEYS", "api_keys", None, _keys,
-             "comma-separated API keys; unset in development: one is generated", secret=True),
-    Variable("REQUEST_TIMEOUT", "request_timeout", "300", _positive_float,
-             "seconds a request may take before it is TIMEOUT (metadata.timeout overrides)"),
-    Variable("HEALTH_CHECK_INTERVAL", "health_check_interval", "30", _positive_float,
-             "seconds between health checks of each worker"),
-    Variable("WORKER_HEALTH_CHECK_TIMEOUT", "worker_health_check_timeout", "10",
-             _positive_float, "seconds a worker health check may take"),
-    Variable("WORKER_HEARTBEAT_INTERVAL", "worker_heartbeat_interval", "5", _positive_float,
-             "seconds between heartbeats of the built-in workers"),
-    Variable("WORKER_HEARTBEAT_TTL", "worker_heartbeat_ttl", "15", _positive_float,
-             "seconds without a heartbeat after which a worker is UNHEALTHY"),
-    Variable("DISPATCH_TIMEOUT", "dispatch_timeout", "60", _positive_float,
-             "seconds a dispatched request may wait for a worker to start it before it is "
-             "dispatched again"),
-    Variable("MAX_ATTEMPTS", "max_attempts", "3", _positive_int,
-             "dispatch attempts per request before it FAILS"),
-    Variable("RETRY_BACKOFF", "retry_backoff", "1", _positive_float,
-             "seconds before the second attempt; doubles per attempt, at most 30"),
-    Variable("RATE_LIMIT_REQUESTS", "rate_limit_requests", "6000", _positive_int,
-             "API calls allowed per key per window"),
-    Variable("RATE_LIMIT_WINDOW", "rate_limit_window", "60", _positive_int,
-             "rate-limit window in seconds"),
-    Variable("MAX_BODY_BYTES", "max_body_bytes", "1048576", _positive_int,
-             "largest request body accepted (413 above)"),
-    Variable("SWEEP_INTERVAL", "sweep_interval", "1", _positive_float,
-             "seconds between sweeps for timeouts and lost workers"),
+    Variable("KAFKA_PASSWORD", "kafka_password", None, str, "SASL password for Kafka", secret=True),
+    Variable(
+        "REDIS_URL",
+        "redis_url",
+        None,
+        _redis_url,
+        "Redis connection string; unset: in-process registry, events and limits",
+        secret=True,
+    ),
+    Variable(
+        "API_KEYS",
+        "api_keys",
+        None,
+        _keys,
+        "comma-separated API keys; unset in development: one is generated",
+        secret=True,
+    ),
+    Variable(
+        "REQUEST_TIMEOUT",
+        "request_timeout",
+        "300",
+        _positive_float,
+        "seconds a request may take before it is TIMEOUT (metadata.timeout overrides)",
+    ),
+    Variable(
+        "HEALTH_CHECK_INTERVAL",
+        "health_check_interval",
+        "30",
+        _positive_float,
+        "seconds between health checks of each worker",
+    ),
+    Variable(
+        "WORKER_HEALTH_CHECK_TIMEOUT",
+        "worker_health_check_timeout",
+        "10",
+        _positive_float,
+        "seconds a worker health check may take",
+    ),
+    Variable(
+        "WORKER_HEARTBEAT_INTERVAL",
+        "worker_heartbeat_interval",
+        "5",
+        _positive_float,
+        "seconds between heartbeats of the built-in workers",
+    ),
+    Variable(
+        "WORKER_HEARTBEAT_TTL",
+        "worker_heartbeat_ttl",
+        "15",
+        _positive_float,
+        "seconds without a heartbeat after which a worker is UNHEALTHY",
+    ),
+    Variable(
+        "DISPATCH_TIMEOUT",
+        "dispatch_timeout",
+        "60",
+        _positive_float,
+        "seconds a dispatched request may wait for a worker to start it before it is "
+        "dispatched again",
+    ),
+    Variable(
+        "MAX_ATTEMPTS",
+        "max_attempts",
+        "3",
+        _positive_int,
+        "dispatch attempts per request before it FAILS",
+    ),
+    Variable(
+        "RETRY_BACKOFF",
+        "retry_backoff",
+        "1",
+        _positive_float,
+        "seconds before the second attempt; doubles per attempt, at most 30",
+    ),
+    Variable(
+        "RATE_LIMIT_REQUESTS",
+        "rate_limit_requests",
+        "6000",
+        _positive_int,
+        "API calls allowed per key per window",
+    ),
+    Variable(
+        "RATE_LIMIT_WINDOW",
+        "rate_limit_window",
+        "60",
+        _positive_int,
+        "rate-limit window in seconds",
+    ),
+    Variable(
+        "MAX_BODY_BYTES",
+        "max_body_bytes",
+        "1048576",
+        _positive_int,
+        "largest request body accepted (413 above)",
+    ),
+    Variable(
+        "SWEEP_INTERVAL",
+        "sweep_interval",
+        "1",
+        _positive_float,
+        "seconds between sweeps for timeouts and lost workers",
+    ),
     Variable("DB_POOL_SIZE", "db_pool_size", "10", _positive_int, "database connection pool size"),
-    Variable("DB_CONNECT_RETRIES", "db_connect_retries", "3", _non_negative_int,
-             "database connection retries at start-up"),
-    Variable("DB_RETRY_DELAY", "db_retry_delay", "3", _positive_float,
-             "seconds between database connection retries"),
-    Variable("DB_ACQUIRE_TIMEOUT", "db_acquire_timeout", "60", _positive_float,
-             "seconds to wait for a pooled database connection"),
-    Variable("DB_IDLE_TIMEOUT", "db_idle_timeout", "300", _positive_float,
-             "seconds after which a pooled connection is replaced"),
-    Variable("MIGRATE_ON_START", "migrate_on_start", "true", _bool,
-             "apply database migrations at start-up"),
-    Variable("ENGINEDGE_DATA_DIR", "data_dir", ".enginedge", Path,
-             "directory of the embedded SQLite file and the generated API key"),
-    Variable("BUILTIN_WORKERS", "builtin_workers", None, _workers,
-             "built-in workers to run in-process; default: data-processing with the "
-             "in-process bus, none with Kafka"),
-    Variable("BUILTIN_WORKER_CAPACITY", "builtin_worker_capacity", "4", _positive_int,
-             "concurrent tasks per built-in worker"),
-    Variable("DATA_ROOT", "data_root", ".", Path,
-             "directory the data-processing worker may read files from"),
-    Variable("EVENT_RETENTION", "event_retention", "3600", _positive_float,
-             "seconds a finished request's events stay available to SSE clients"),
+    Variable(
+        "DB_CONNECT_RETRIES",
+        "db_connect_retries",
+        "3",
+        _non_negative_int,
+        "database connection retries at start-up",
+    ),
+    Variable(
+        "DB_RETRY_DELAY",
+        "db_retry_delay",
+        "3",
+        _positive_float,
+        "seconds between database connection retries",
+    ),
+    Variable(
+        "DB_ACQUIRE_TIMEOUT",
+        "db_acquire_timeout",
+        "60",
+        _positive_float,
+        "seconds to wait for a pooled database connection",
+    ),
+    Variable(
+        "DB_IDLE_TIMEOUT",
+        "db_idle_timeout",
+        "300",
+        _positive_float,
+        "seconds after which a pooled connection is replaced",
+    ),
+    Variable(
+        "MIGRATE_ON_START",
+        "migrate_on_start",
+        "true",
+        _bool,
+        "apply database migrations at start-up",
+    ),
+    Variable(
+        "ENGINEDGE_DATA_DIR",
+        "data_dir",
+        ".enginedge",
+        Path,
+        "directory of the embedded SQLite file and the generated API key",
+    ),
+    Variable(
+        "BUILTIN_WORKERS",
+        "builtin_workers",
+        None,
+        _workers,
+        "built-in workers to run in-process; default: data-processing with the "
+        "in-process bus, none with Kafka",
+    ),
+    Variable(
+        "BUILTIN_WORKER_CAPACITY",
+        "builtin_worker_capacity",
+        "4",
+        _positive_int,
+        "concurrent tasks per built-in worker",
+    ),
+    Variable(
+        "DATA_ROOT",
+        "data_root",
+        ".",
+        Path,
+        "directory the data-processing worker may read files from",
+    ),
+    Variable(
+        "EVENT_RETENTION",
+        "event_retention",
+        "3600",
+        _positive_float,
+        "seconds a finished request's events stay available to SSE clients",
+    ),
 )
 
 PRODUCTION_REQUIRED = ("DATABASE_URL", "KAFKA_BROKERS", "REDIS_URL", "API_KEYS")
@@ -268,9 +409,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     if settings.production:
         missing = [name for name in PRODUCTION_REQUIRED if not env.get(name, "").strip()]
         if missing:
-            raise ConfigError(
-                "ENVIRONMENT=production needs " + ", ".join(missing) + " to be set"
-            )
+            raise ConfigError("ENVIRONMENT=production needs " + ", ".join(missing) + " to be set")
     return settings
 
 

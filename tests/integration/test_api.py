@@ -16,17 +16,21 @@ import orjson
 import pytest
 
 from tests.support.harness import API_KEY, OTHER_KEY, Running, fast_settings, run_service
-from tests.support.workers import Probe, testing_worker
+from tests.support.workers import Probe, worker_for_tests
 
 H = {"X-API-Key": API_KEY}
 SQL_PAYLOAD = {
     "sql": "SELECT city, sum(amount) AS total, count(*) AS n FROM sales "
-           "GROUP BY city ORDER BY city",
-    "tables": {"sales": [
-        {"city": "Lyon", "amount": 10.5}, {"city": "Oslo", "amount": 4},
-        {"city": "Lyon", "amount": 1.5}, {"city": "Oslo", "amount": 6},
-        {"city": "Kyiv", "amount": 7},
-    ]},
+    "GROUP BY city ORDER BY city",
+    "tables": {
+        "sales": [
+            {"city": "Lyon", "amount": 10.5},
+            {"city": "Oslo", "amount": 4},
+            {"city": "Lyon", "amount": 1.5},
+            {"city": "Oslo", "amount": 6},
+            {"city": "Kyiv", "amount": 7},
+        ]
+    },
 }
 
 
@@ -38,7 +42,7 @@ def probe() -> Probe:
 @pytest.fixture
 async def svc(database_url: str, tmp_path: Path, probe: Probe) -> AsyncIterator[Running]:
     settings = fast_settings(tmp_path, database_url)
-    async with run_service(settings, [testing_worker(probe)]) as running:
+    async with run_service(settings, [worker_for_tests(probe)]) as running:
         yield running
 
 
@@ -86,8 +90,7 @@ async def test_describe_task_gives_column_statistics(svc: Running) -> None:
     assert (y["count"], y["nulls"], y["min"], y["max"], y["mean"]) == (2, 2, "a", "c", None)
 
 
-async def test_describe_reads_a_csv_file_under_the_data_root(svc: Running, tmp_path: Path
-                                                              ) -> None:
+async def test_describe_reads_a_csv_file_under_the_data_root(svc: Running, tmp_path: Path) -> None:
     (tmp_path / "prices.csv").write_text("item,price\napple,2\npear,4\nfig,9\n")
     response = await svc.submit("data.describe", {"file": "prices.csv", "columns": ["price"]})
     final = await svc.wait_terminal(response.json()["requestId"])
@@ -105,8 +108,9 @@ async def test_invalid_sql_fails_with_a_readable_error(svc: Running) -> None:
 
 
 async def test_sql_cannot_read_files_it_was_not_given(svc: Running) -> None:
-    response = await svc.submit("data.sql", {"sql": "SELECT * FROM read_csv('/etc/passwd')",
-                                             "tables": {"t": [{"a": 1}]}})
+    response = await svc.submit(
+        "data.sql", {"sql": "SELECT * FROM read_csv('/etc/passwd')", "tables": {"t": [{"a": 1}]}}
+    )
     final = await svc.wait_terminal(response.json()["requestId"])
     assert final["status"] == "FAILED"
     assert "disabled" in final["error"] or "Permission" in final["error"]
@@ -117,19 +121,25 @@ async def test_sql_cannot_read_files_it_was_not_given(svc: Running) -> None:
 
 async def test_missing_or_wrong_key_is_401(svc: Running) -> None:
     for headers in ({}, {"X-API-Key": "wrong-key-000000"}, {"Authorization": "Bearer nope"}):
-        response = await svc.client.post("/api/orchestrate", headers=headers,
-                                         json={"taskType": "data.sql", "payload": SQL_PAYLOAD})
+        response = await svc.client.post(
+            "/api/orchestrate",
+            headers=headers,
+            json={"taskType": "data.sql", "payload": SQL_PAYLOAD},
+        )
         assert response.status_code == 401
         assert error_of(response)["code"] == "INVALID_API_KEY"
     bearer = await svc.client.get("/api/requests", headers={"Authorization": f"Bearer {API_KEY}"})
     assert bearer.status_code == 200
 
 
-@pytest.mark.parametrize(("task_type", "expected"), [
-    ("Not A Type!", "INVALID_TASK_TYPE"),
-    ("x" * 51, "INVALID_TASK_TYPE"),
-    ("nobody.does.this", "INVALID_TASK_TYPE"),
-])
+@pytest.mark.parametrize(
+    ("task_type", "expected"),
+    [
+        ("Not A Type!", "INVALID_TASK_TYPE"),
+        ("x" * 51, "INVALID_TASK_TYPE"),
+        ("nobody.does.this", "INVALID_TASK_TYPE"),
+    ],
+)
 async def test_bad_task_types_are_422(svc: Running, task_type: str, expected: str) -> None:
     response = await svc.submit(task_type, {"a": 1})
     assert response.status_code == 422
@@ -142,26 +152,30 @@ async def test_missing_task_type_is_invalid_task_type(svc: Running) -> None:
     assert error_of(response)["code"] == "INVALID_TASK_TYPE"
 
 
-@pytest.mark.parametrize("body", [
-    b'{"taskType": "data.sql"}',
-    b'{"taskType": "data.sql", "payload": [1, 2]}',
-    b'{"taskType": "data.sql", "payload": {"sql": ""}}',
-    b'{"taskType": "data.sql", "payload": {"sql": "select 1", "tables": {"t": [1]}}}',
-    b'{"taskType": "data.sql", "payload": {"sql": "select 1", "files": {"t": "/x.txt"}}}',
-    b'{"taskType": "data.describe", "payload": {"records": [], "file": "a.csv"}}',
-    b'{"taskType": "data.sql", "payload": {"sql": "x", "tables": {"t": []}}, '
-    b'"metadata": {"timeout": -1}}',
-    b'{"taskType": "data.sql", "payload": {"sql": "x", "tables": {"t": []}}, '
-    b'"metadata": {"priority": "high"}}',
-    b'{"taskType": "data.sql", "payload": {"sql": "x", "tables": {"t": []}}, '
-    b'"metadata": {"callbackUrl": "ftp://x"}}',
-    b'{"taskType": "data.sql", "payload": ',
-    b'not json at all',
-    b'\xff\xfe\x00garbage',
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"taskType": "data.sql"}',
+        b'{"taskType": "data.sql", "payload": [1, 2]}',
+        b'{"taskType": "data.sql", "payload": {"sql": ""}}',
+        b'{"taskType": "data.sql", "payload": {"sql": "select 1", "tables": {"t": [1]}}}',
+        b'{"taskType": "data.sql", "payload": {"sql": "select 1", "files": {"t": "/x.txt"}}}',
+        b'{"taskType": "data.describe", "payload": {"records": [], "file": "a.csv"}}',
+        b'{"taskType": "data.sql", "payload": {"sql": "x", "tables": {"t": []}}, '
+        b'"metadata": {"timeout": -1}}',
+        b'{"taskType": "data.sql", "payload": {"sql": "x", "tables": {"t": []}}, '
+        b'"metadata": {"priority": "high"}}',
+        b'{"taskType": "data.sql", "payload": {"sql": "x", "tables": {"t": []}}, '
+        b'"metadata": {"callbackUrl": "ftp://x"}}',
+        b'{"taskType": "data.sql", "payload": ',
+        b"not json at all",
+        b"\xff\xfe\x00garbage",
+    ],
+)
 async def test_bad_payloads_are_422_and_store_nothing(svc: Running, body: bytes) -> None:
-    response = await svc.client.post("/api/orchestrate", content=body,
-                                     headers={**H, "Content-Type": "application/json"})
+    response = await svc.client.post(
+        "/api/orchestrate", content=body, headers={**H, "Content-Type": "application/json"}
+    )
     assert response.status_code == 422, response.text
     assert error_of(response)["code"] == "INVALID_REQUEST_PAYLOAD"
     listing = await svc.client.get("/api/requests", headers=H)
@@ -211,12 +225,10 @@ async def test_unknown_path_and_method_keep_the_error_shape(svc: Running) -> Non
     assert error_of(wrong)["code"] == "METHOD_NOT_ALLOWED"
 
 
-async def test_rate_limit_is_per_key_with_retry_after(database_url: str, tmp_path: Path
-                                                      ) -> None:
+async def test_rate_limit_is_per_key_with_retry_after(database_url: str, tmp_path: Path) -> None:
     settings = fast_settings(tmp_path, database_url, rate_limit_requests=5, rate_limit_window=60)
     async with run_service(settings) as svc:
-        codes = [(await svc.client.get("/api/requests", headers=H)).status_code
-                 for _ in range(7)]
+        codes = [(await svc.client.get("/api/requests", headers=H)).status_code for _ in range(7)]
         assert codes == [200] * 5 + [429] * 2
         limited = await svc.client.get("/api/requests", headers=H)
         assert error_of(limited)["code"] == "RATE_LIMIT_EXCEEDED"
@@ -237,10 +249,9 @@ async def test_same_idempotency_key_returns_the_first_request(svc: Running) -> N
     assert again.headers.get("Idempotent-Replayed") == "true"
     other_caller = await svc.submit("test.echo", {"n": 3}, headers=headers, key=OTHER_KEY)
     assert other_caller.json()["requestId"] != first.json()["requestId"]
-    concurrent = await asyncio.gather(*[
-        svc.submit("test.echo", {"n": i}, headers={"Idempotency-Key": "burst"})
-        for i in range(8)
-    ])
+    concurrent = await asyncio.gather(
+        *[svc.submit("test.echo", {"n": i}, headers={"Idempotency-Key": "burst"}) for i in range(8)]
+    )
     assert len({r.json()["requestId"] for r in concurrent}) == 1
     listing = (await svc.client.get("/api/requests?taskType=test.echo", headers=H)).json()
     assert len(listing["items"]) == 3
@@ -251,7 +262,7 @@ async def test_same_idempotency_key_returns_the_first_request(svc: Running) -> N
 
 async def test_list_filters_and_paginates_with_a_cursor(svc: Running) -> None:
     ids = [(await svc.submit("test.echo", {"i": i})).json()["requestId"] for i in range(7)]
-    failed = (await svc.submit("data.sql", {"sql": "bad sql", "tables": {"t": [{"a": 1}]}}))
+    failed = await svc.submit("data.sql", {"sql": "bad sql", "tables": {"t": [{"a": 1}]}})
     for rid in ids:
         await svc.wait_terminal(rid)
     await svc.wait_terminal(failed.json()["requestId"])
@@ -268,8 +279,9 @@ async def test_list_filters_and_paginates_with_a_cursor(svc: Running) -> None:
     assert seen == list(reversed(ids))
     only_failed = (await svc.client.get("/api/requests?status=FAILED", headers=H)).json()
     assert [i["requestId"] for i in only_failed["items"]] == [failed.json()["requestId"]]
-    both = (await svc.client.get("/api/requests?status=FAILED,COMPLETED&limit=100",
-                                 headers=H)).json()
+    both = (
+        await svc.client.get("/api/requests?status=FAILED,COMPLETED&limit=100", headers=H)
+    ).json()
     assert len(both["items"]) == 8
     future = (await svc.client.get("/api/requests?since=2999-01-01T00:00:00Z", headers=H)).json()
     assert future["items"] == []
@@ -300,7 +312,7 @@ async def test_cancel_a_running_request_stops_its_handler(svc: Running, probe: P
 
 async def test_cancel_a_pending_request(database_url: str, tmp_path: Path, probe: Probe) -> None:
     settings = fast_settings(tmp_path, database_url)
-    async with run_service(settings, [testing_worker(probe, capacity=1)]) as svc:
+    async with run_service(settings, [worker_for_tests(probe, capacity=1)]) as svc:
         busy = (await svc.submit("test.hang", {})).json()["requestId"]
         await svc.wait_for(busy, lambda b: b["status"] == "PROCESSING")
         queued = (await svc.submit("test.echo", {})).json()["requestId"]
@@ -314,8 +326,9 @@ async def test_cancel_a_pending_request(database_url: str, tmp_path: Path, probe
         assert (await svc.get(queued))["status"] == "CANCELLED"
 
 
-async def test_request_timeout_ends_timeout_and_stops_the_worker(svc: Running, probe: Probe
-                                                                 ) -> None:
+async def test_request_timeout_ends_timeout_and_stops_the_worker(
+    svc: Running, probe: Probe
+) -> None:
     rid = (await svc.submit("test.hang", {}, metadata={"timeout": 0.5})).json()["requestId"]
     final = await svc.wait_terminal(rid)
     assert final["status"] == "TIMEOUT"
@@ -330,10 +343,11 @@ async def test_request_timeout_ends_timeout_and_stops_the_worker(svc: Running, p
 # ------------------------------------------------------------------ lost workers
 
 
-async def test_a_silent_worker_loses_its_request_to_another(database_url: str, tmp_path: Path,
-                                                            probe: Probe) -> None:
+async def test_a_silent_worker_loses_its_request_to_another(
+    database_url: str, tmp_path: Path, probe: Probe
+) -> None:
     settings = fast_settings(tmp_path, database_url, builtin_workers="none")
-    async with run_service(settings, [testing_worker(probe, capacity=1)]) as svc:
+    async with run_service(settings, [worker_for_tests(probe, capacity=1)]) as svc:
         rid = (await svc.submit("test.hang", {})).json()["requestId"]
         first = await svc.wait_for(rid, lambda b: b["status"] == "PROCESSING")
         doomed = next(w for w in svc.service.workers if w.id == first["workerId"])
@@ -341,12 +355,14 @@ async def test_a_silent_worker_loses_its_request_to_another(database_url: str, t
         # A second worker joins; the request must move to it once the first is declared lost.
         from enginedge.worker import WorkerRuntime
 
-        rescuer = WorkerRuntime(testing_worker(probe, capacity=1), svc.service.ctx.bus,
-                                heartbeat_interval=0.2)
+        rescuer = WorkerRuntime(
+            worker_for_tests(probe, capacity=1), svc.service.ctx.bus, heartbeat_interval=0.2
+        )
         await rescuer.start()
         try:
             moved = await svc.wait_for(
-                rid, lambda b: b["status"] == "PROCESSING" and b["workerId"] == rescuer.id)
+                rid, lambda b: b["status"] == "PROCESSING" and b["workerId"] == rescuer.id
+            )
             assert moved["attempts"] == 2
             probe.release.set()
             final = await svc.wait_terminal(rid)
@@ -360,18 +376,20 @@ async def test_a_silent_worker_loses_its_request_to_another(database_url: str, t
             await rescuer.stop()
 
 
-async def test_attempts_are_bounded_then_failed_with_the_reason(database_url: str,
-                                                                tmp_path: Path) -> None:
+async def test_attempts_are_bounded_then_failed_with_the_reason(
+    database_url: str, tmp_path: Path
+) -> None:
     from enginedge.worker import WorkerRuntime
 
     probe = Probe()
     settings = fast_settings(tmp_path, database_url, builtin_workers="none", max_attempts=2)
-    async with run_service(settings, [testing_worker(probe, capacity=1)]) as svc:
+    async with run_service(settings, [worker_for_tests(probe, capacity=1)]) as svc:
         rid = (await svc.submit("test.hang", {})).json()["requestId"]
         first = await svc.wait_for(rid, lambda b: b["status"] == "PROCESSING")
         await next(w for w in svc.service.workers if w.id == first["workerId"]).kill()
-        second = WorkerRuntime(testing_worker(probe, capacity=1), svc.service.ctx.bus,
-                               heartbeat_interval=0.2)
+        second = WorkerRuntime(
+            worker_for_tests(probe, capacity=1), svc.service.ctx.bus, heartbeat_interval=0.2
+        )
         await second.start()
         await svc.wait_for(rid, lambda b: b["workerId"] == second.id)
         await second.kill()
@@ -384,11 +402,15 @@ async def test_attempts_are_bounded_then_failed_with_the_reason(database_url: st
 # ------------------------------------------------------------------ events (SSE)
 
 
-async def read_events(svc: Running, rid: str, headers: dict[str, str] | None = None,
-                      ) -> list[tuple[str, str, dict[str, Any]]]:
+async def read_events(
+    svc: Running,
+    rid: str,
+    headers: dict[str, str] | None = None,
+) -> list[tuple[str, str, dict[str, Any]]]:
     events: list[tuple[str, str, dict[str, Any]]] = []
-    async with svc.client.stream("GET", f"/api/requests/{rid}/events",
-                                 headers={**H, **(headers or {})}) as response:
+    async with svc.client.stream(
+        "GET", f"/api/requests/{rid}/events", headers={**H, **(headers or {})}
+    ) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         ident, kind, data = "", "message", ""
@@ -424,7 +446,8 @@ async def test_events_stream_every_status_and_partial_result(svc: Running) -> No
 
 async def test_events_of_an_unknown_request_are_404(svc: Running) -> None:
     response = await svc.client.get(
-        "/api/requests/6f1c1a55-0000-4000-8000-000000000000/events", headers=H)
+        "/api/requests/6f1c1a55-0000-4000-8000-000000000000/events", headers=H
+    )
     assert response.status_code == 404
     assert error_of(response)["code"] == "REQUEST_NOT_FOUND"
 
@@ -461,15 +484,23 @@ async def test_probes_and_metrics_need_no_key(svc: Running) -> None:
     text = (await svc.client.get("/metrics")).text
     assert 'enginedge_requests_total{status="success"} 1.0' in text
     assert 'enginedge_worker_health_status{status="healthy",worker_type="testing"} 1.0' in text
-    assert "enginedge_request_duration_seconds{quantile=\"0.95\"}" in text
+    assert 'enginedge_request_duration_seconds{quantile="0.95"}' in text
 
 
 async def test_openapi_document_lists_every_endpoint(svc: Running) -> None:
     doc = (await svc.client.get("/openapi.json")).json()
     assert set(doc["paths"]) >= {
-        "/api/orchestrate", "/api/requests", "/api/requests/{request_id}",
-        "/api/requests/{request_id}/cancel", "/api/requests/{request_id}/events",
-        "/api/workers", "/api/workers/{worker_id}", "/health", "/ready", "/live", "/metrics",
+        "/api/orchestrate",
+        "/api/requests",
+        "/api/requests/{request_id}",
+        "/api/requests/{request_id}/cancel",
+        "/api/requests/{request_id}/events",
+        "/api/workers",
+        "/api/workers/{worker_id}",
+        "/health",
+        "/ready",
+        "/live",
+        "/metrics",
     }
     schemes = doc["components"]["securitySchemes"]
     assert {s["type"] for s in schemes.values()} >= {"apiKey", "http"}

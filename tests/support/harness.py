@@ -55,24 +55,33 @@ class Running:
         service: Service = self.app.state.service
         return service
 
-    async def submit(self, task_type: str, payload: dict[str, Any], *,
-                     metadata: dict[str, Any] | None = None, key: str = API_KEY,
-                     headers: dict[str, str] | None = None) -> httpx.Response:
+    async def submit(
+        self,
+        task_type: str,
+        payload: dict[str, Any],
+        *,
+        metadata: dict[str, Any] | None = None,
+        key: str = API_KEY,
+        headers: dict[str, str] | None = None,
+    ) -> httpx.Response:
         body: dict[str, Any] = {"taskType": task_type, "payload": payload}
         if metadata is not None:
             body["metadata"] = metadata
-        return await self.client.post("/api/orchestrate", json=body,
-                                      headers={"X-API-Key": key, **(headers or {})})
+        return await self.client.post(
+            "/api/orchestrate", json=body, headers={"X-API-Key": key, **(headers or {})}
+        )
 
     async def get(self, request_id: str) -> dict[str, Any]:
-        response = await self.client.get(f"/api/requests/{request_id}",
-                                         headers={"X-API-Key": API_KEY})
+        response = await self.client.get(
+            f"/api/requests/{request_id}", headers={"X-API-Key": API_KEY}
+        )
         assert response.status_code == 200, response.text
         body: dict[str, Any] = response.json()
         return body
 
-    async def wait_for(self, request_id: str, predicate: Callable[[dict[str, Any]], bool],
-                       timeout: float = 15.0) -> dict[str, Any]:
+    async def wait_for(
+        self, request_id: str, predicate: Callable[[dict[str, Any]], bool], timeout: float = 15.0
+    ) -> dict[str, Any]:
         """Poll the public API until ``predicate`` holds for the request."""
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
@@ -88,13 +97,17 @@ class Running:
 
 
 @contextlib.asynccontextmanager
-async def run_service(settings: Settings, workers: list[WorkerApp] | None = None
-                      ) -> AsyncIterator[Running]:
+async def run_service(
+    settings: Settings, workers: list[WorkerApp] | None = None
+) -> AsyncIterator[Running]:
     """Start the whole service (lifespan, loops, workers) on a free port; stop it after."""
     app = build_app(settings, workers)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None,
-                                           access_log=False, lifespan="on"))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="on"
+        )
+    )
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     task = asyncio.create_task(server.serve())
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import importlib.util
 import os
 import pwd
 import shutil
@@ -27,8 +28,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for_port(port: int, timeout: float = 20.0, process: subprocess.Popen[bytes] | None = None
-                  ) -> None:
+def wait_for_port(
+    port: int, timeout: float = 20.0, process: subprocess.Popen[bytes] | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
@@ -39,8 +41,9 @@ def wait_for_port(port: int, timeout: float = 20.0, process: subprocess.Popen[by
     raise TimeoutError(f"nothing listens on port {port} after {timeout}s")
 
 
-def stop_process(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM,
-                 timeout: float = 15.0) -> int:
+def stop_process(
+    process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 15.0
+) -> int:
     """Stop a child by its PID: ``sig``, then SIGKILL if it has not exited in time."""
     if process.poll() is None:
         with contextlib.suppress(ProcessLookupError):
@@ -61,6 +64,9 @@ def postgres_bin_dir() -> Path:
     candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
     if candidates:
         return Path(candidates[-1]).parent
+    wheel = importlib.util.find_spec("pgserver")  # PyPI's packaged binaries, for laptops
+    if wheel is not None and wheel.origin is not None:
+        return Path(wheel.origin).parent / "pginstall" / "bin"
     raise RuntimeError(
         "PostgreSQL server binaries not found: `make test` installs them "
         "(Debian package postgresql), or set TEST_DATABASE_URL to an external server"
@@ -106,17 +112,36 @@ class PostgresServer:
         wait_for_port(self.port, process=self.process)
 
 
-def _spawn_postgres(data_dir: Path, port: int, ids: tuple[int, int] | None
-                    ) -> subprocess.Popen[bytes]:
-    bin_dir = postgres_bin_dir()
-    return subprocess.Popen(
-        [str(bin_dir / "postgres"), "-D", str(data_dir), "-p", str(port), "-k", str(data_dir),
-         "-c", "listen_addresses=127.0.0.1", "-c", "max_connections=200",
-         # Test databases are throw-away: skip flushing to disk for speed.
-         "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"],
-        stdout=subprocess.DEVNULL, stderr=open(data_dir / "server.log", "ab"),  # noqa: SIM115
-        user=ids[0] if ids else None, group=ids[1] if ids else None,
-    )
+def _spawn_postgres(
+    data_dir: Path, port: int, ids: tuple[int, int] | None
+) -> subprocess.Popen[bytes]:
+    # Test databases are throw-away: skip flushing to disk for speed.
+    settings = {
+        "listen_addresses": "127.0.0.1",
+        "max_connections": "200",
+        "fsync": "off",
+        "synchronous_commit": "off",
+        "full_page_writes": "off",
+    }
+    args = [
+        str(postgres_bin_dir() / "postgres"),
+        "-D",
+        str(data_dir),
+        "-p",
+        str(port),
+        "-k",
+        str(data_dir),
+    ]
+    for name, value in settings.items():
+        args += ["-c", f"{name}={value}"]
+    with open(data_dir / "server.log", "ab") as log:  # the child keeps its own descriptor
+        return subprocess.Popen(
+            args,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            user=ids[0] if ids else None,
+            group=ids[1] if ids else None,
+        )
 
 
 @contextlib.contextmanager
@@ -131,10 +156,22 @@ def postgres_server() -> Iterator[PostgresServer]:
         os.chown(root, *ids)
         os.chown(data_dir, *ids)
     subprocess.run(
-        [str(bin_dir / "initdb"), "-D", str(data_dir), "-U", "postgres", "--auth=trust",
-         "-E", "UTF8", "--no-sync"],
-        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        user=ids[0] if ids else None, group=ids[1] if ids else None,
+        [
+            str(bin_dir / "initdb"),
+            "-D",
+            str(data_dir),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        user=ids[0] if ids else None,
+        group=ids[1] if ids else None,
     )
     port = free_port()
     server = PostgresServer(_spawn_postgres(data_dir, port, ids), port, data_dir, ids)

@@ -19,7 +19,7 @@ class Probe:
     release: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-def testing_worker(probe: Probe, capacity: int = 4, worker_type: str = "testing") -> WorkerApp:
+def worker_for_tests(probe: Probe, capacity: int = 4, worker_type: str = "testing") -> WorkerApp:
     app = WorkerApp(worker_type, capacity=capacity)
 
     async def tracked(task: Task, body: Any) -> dict[str, Any]:

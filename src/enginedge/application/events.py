@@ -30,6 +30,10 @@ def progress_event(request: Request, seq: int, chunk: Any) -> RequestEvent:
     return RequestEvent(
         request_id=request.id,
         type="progress",
-        data={"requestId": str(request.id), "attempt": request.attempts, "seq": seq,
-              "chunk": chunk},
+        data={
+            "requestId": str(request.id),
+            "attempt": request.attempts,
+            "seq": seq,
+            "chunk": chunk,
+        },
     )

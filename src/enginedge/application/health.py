@@ -48,7 +48,8 @@ async def check_components(ctx: Context) -> dict[str, ComponentHealth]:
     """Probe the store, the bus and the cache side by side, each within the probe timeout."""
     timeout = ctx.policy.probe_timeout
     store, bus, cache = await asyncio.gather(
-        _probe(ctx.store.ping, timeout), _probe(ctx.bus.ping, timeout),
+        _probe(ctx.store.ping, timeout),
+        _probe(ctx.bus.ping, timeout),
         _probe(ctx.cache.ping, timeout),
     )
     return {"database": store, "messageBus": bus, "cache": cache}

@@ -42,14 +42,18 @@ async def handle_message(ctx: Context, message: BusMessage) -> None:
 
 async def send_to_dlq(ctx: Context, message: BusMessage, reason: str) -> None:
     topic = dlq_topic(message.topic)
-    log.warning("message sent to the dead-letter queue",
-                extra={"topic": message.topic, "reason": reason, "key": message.key})
-    await ctx.bus.publish([
-        BusMessage(
-            topic=topic,
-            key=message.key,
-            value=dead_letter(message.value, reason, ctx.clock.now()),
-            headers=dict(message.headers),
-        )
-    ])
+    log.warning(
+        "message sent to the dead-letter queue",
+        extra={"topic": message.topic, "reason": reason, "key": message.key},
+    )
+    await ctx.bus.publish(
+        [
+            BusMessage(
+                topic=topic,
+                key=message.key,
+                value=dead_letter(message.value, reason, ctx.clock.now()),
+                headers=dict(message.headers),
+            )
+        ]
+    )
     ctx.metrics.dead_lettered(message.topic)

@@ -32,10 +32,19 @@ async def sweep(ctx: Context) -> SweepReport:
     await _time_out(ctx, now, report)
     lost = await _lost_workers(ctx, now, report)
     if lost:
-        await _redispatch(ctx, now, report, "worker_lost", "the worker running it was lost",
-                          lambda tx: tx.lock_in_flight(sorted(lost), BATCH))
+        await _redispatch(
+            ctx,
+            now,
+            report,
+            "worker_lost",
+            "the worker running it was lost",
+            lambda tx: tx.lock_in_flight(sorted(lost), BATCH),
+        )
     await _redispatch(
-        ctx, now, report, "unclaimed",
+        ctx,
+        now,
+        report,
+        "unclaimed",
         f"no worker started it within {ctx.policy.dispatch_timeout.total_seconds():g}s",
         lambda tx: tx.lock_unclaimed(now - ctx.policy.dispatch_timeout, BATCH),
     )
@@ -51,8 +60,14 @@ async def recover_in_flight(ctx: Context) -> SweepReport:
     report = SweepReport()
     if ctx.bus.durable:
         return report
-    await _redispatch(ctx, ctx.clock.now(), report, "restart", "the service restarted",
-                      lambda tx: tx.lock_in_flight(None, BATCH))
+    await _redispatch(
+        ctx,
+        ctx.clock.now(),
+        report,
+        "restart",
+        "the service restarted",
+        lambda tx: tx.lock_in_flight(None, BATCH),
+    )
     return report
 
 
@@ -92,8 +107,9 @@ async def _lost_workers(ctx: Context, now: datetime, report: SweepReport) -> set
     return lost
 
 
-async def _redispatch(ctx: Context, now: datetime, report: SweepReport, label: str,
-                      reason: str, select: Selector) -> None:
+async def _redispatch(
+    ctx: Context, now: datetime, report: SweepReport, label: str, reason: str, select: Selector
+) -> None:
     """Give each selected request another attempt, or fail it when it has had them all."""
     while True:
         events: list[RequestEvent] = []

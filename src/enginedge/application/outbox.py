@@ -82,10 +82,12 @@ async def relay_outbox(ctx: Context, batch_size: int = 500) -> int:
         pending = await tx.claim_outbox(now, batch_size)
         if not pending:
             return 0
-        await ctx.bus.publish([
-            BusMessage(topic=m.topic, key=m.key, value=m.value, headers=m.headers)
-            for m in pending
-        ])
+        await ctx.bus.publish(
+            [
+                BusMessage(topic=m.topic, key=m.key, value=m.value, headers=m.headers)
+                for m in pending
+            ]
+        )
         await tx.delete_outbox([m.id for m in pending if m.id is not None])
         attempts = [
             (m.request_id, m.attempt)

@@ -174,4 +174,3 @@ async def cancel(ctx: Context, request_id: uuid.UUID) -> Request:
     await ctx.events.append(status_event(request))
     finished(ctx, request)
     return request
-

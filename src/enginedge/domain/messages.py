@@ -57,8 +57,9 @@ def _decode(raw: bytes) -> dict[str, Any]:
     return value
 
 
-def _field(data: dict[str, Any], name: str, kind: type[T] | tuple[type, ...], *,
-           optional: bool = False) -> Any:
+def _field(
+    data: dict[str, Any], name: str, kind: type[T] | tuple[type, ...], *, optional: bool = False
+) -> Any:
     value = data.get(name)
     if value is None:
         if optional:
@@ -111,14 +112,16 @@ class DispatchMessage:
     deadline: datetime
 
     def to_json(self) -> bytes:
-        return encode({
-            "requestId": str(self.request_id),
-            "attempt": self.attempt,
-            "taskType": self.task_type,
-            "payload": self.payload,
-            "metadata": self.metadata,
-            "deadline": self.deadline.isoformat(),
-        })
+        return encode(
+            {
+                "requestId": str(self.request_id),
+                "attempt": self.attempt,
+                "taskType": self.task_type,
+                "payload": self.payload,
+                "metadata": self.metadata,
+                "deadline": self.deadline.isoformat(),
+            }
+        )
 
     @classmethod
     def from_json(cls, raw: bytes) -> DispatchMessage:
@@ -211,17 +214,19 @@ class HeartbeatMessage:
     in_flight: list[str] = field(default_factory=list)
 
     def to_json(self) -> bytes:
-        return encode({
-            "workerId": self.worker_id,
-            "type": self.type,
-            "endpoint": self.endpoint,
-            "capabilities": self.capabilities,
-            "capacity": self.capacity,
-            "active": self.active,
-            "status": self.status,
-            "ts": self.ts.isoformat(),
-            "inFlight": self.in_flight,
-        })
+        return encode(
+            {
+                "workerId": self.worker_id,
+                "type": self.type,
+                "endpoint": self.endpoint,
+                "capabilities": self.capabilities,
+                "capacity": self.capacity,
+                "active": self.active,
+                "status": self.status,
+                "ts": self.ts.isoformat(),
+                "inFlight": self.in_flight,
+            }
+        )
 
     @classmethod
     def from_json(cls, raw: bytes) -> HeartbeatMessage:
@@ -283,7 +288,8 @@ def dead_letter(original: bytes, error: str, failed_at: datetime) -> bytes:
     except orjson.JSONDecodeError:
         value = None
     body: dict[str, Any] = (
-        dict(value) if isinstance(value, dict)
+        dict(value)
+        if isinstance(value, dict)
         else {"original": original.decode("utf-8", errors="replace")}
     )
     body["error"] = error

@@ -43,12 +43,8 @@ _S = RequestStatus
 # never reached one, and a new attempt is queued.
 ALLOWED_TRANSITIONS: dict[RequestStatus, frozenset[RequestStatus]] = {
     _S.PENDING: frozenset({_S.DISPATCHED, _S.FAILED, _S.CANCELLED, _S.TIMEOUT}),
-    _S.DISPATCHED: frozenset(
-        {_S.PROCESSING, _S.PENDING, _S.FAILED, _S.CANCELLED, _S.TIMEOUT}
-    ),
-    _S.PROCESSING: frozenset(
-        {_S.COMPLETED, _S.FAILED, _S.CANCELLED, _S.TIMEOUT, _S.PENDING}
-    ),
+    _S.DISPATCHED: frozenset({_S.PROCESSING, _S.PENDING, _S.FAILED, _S.CANCELLED, _S.TIMEOUT}),
+    _S.PROCESSING: frozenset({_S.COMPLETED, _S.FAILED, _S.CANCELLED, _S.TIMEOUT, _S.PENDING}),
     _S.COMPLETED: frozenset(),
     _S.FAILED: frozenset(),
     _S.CANCELLED: frozenset(),

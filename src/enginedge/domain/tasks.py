@@ -155,8 +155,11 @@ def _check_llm_chat(payload: Mapping[str, Any]) -> None:
     temperature = payload.get("temperature")
     _require(
         temperature is None
-        or (isinstance(temperature, int | float) and not isinstance(temperature, bool)
-            and 0 <= temperature <= 2),
+        or (
+            isinstance(temperature, int | float)
+            and not isinstance(temperature, bool)
+            and 0 <= temperature <= 2
+        ),
         "payload.temperature must be a number from 0 to 2",
     )
     model = payload.get("model")

@@ -11,8 +11,9 @@ from enginedge.config import Settings, ensure_api_keys, load_settings
 from enginedge.worker import WorkerApp
 
 
-def build_app(settings: Settings, extra_workers: list[WorkerApp] | None = None,
-              keys: list[str] | None = None) -> FastAPI:
+def build_app(
+    settings: Settings, extra_workers: list[WorkerApp] | None = None, keys: list[str] | None = None
+) -> FastAPI:
     """An app for ``settings``; ``extra_workers`` run in-process beside the built-in ones."""
     if keys is None:
         keys, _ = ensure_api_keys(settings)

@@ -7,6 +7,7 @@ or configuration; 3 the API answered an error or could not be reached.
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -24,8 +25,8 @@ EXIT_NOT_COMPLETED = 1
 EXIT_USAGE = 2
 EXIT_API = 3
 
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 app = typer.Typer(
     name="enginedge",
@@ -37,11 +38,18 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-UrlOption = Annotated[str, typer.Option("--url", envvar="ENGINEDGE_URL",
-                                        help="Base URL of the service")]
-KeyOption = Annotated[str | None, typer.Option(
-    "--api-key", help="API key (default: ENGINEDGE_API_KEY, API_KEYS, or the development "
-    "key in ENGINEDGE_DATA_DIR)", show_default=False)]
+UrlOption = Annotated[
+    str, typer.Option("--url", envvar="ENGINEDGE_URL", help="Base URL of the service")
+]
+KeyOption = Annotated[
+    str | None,
+    typer.Option(
+        "--api-key",
+        help="API key (default: ENGINEDGE_API_KEY, API_KEYS, or the development "
+        "key in ENGINEDGE_DATA_DIR)",
+        show_default=False,
+    ),
+]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print raw JSON")]
 DEFAULT_URL = "http://localhost:3000"
 
@@ -73,8 +81,10 @@ def _variables_help() -> str:
     )
 
 
-@app.command(help="Run the orchestrator (HTTP API and background loops).\n\n"
-             "Configured by environment variables:\n\n" + _variables_help())
+@app.command(
+    help="Run the orchestrator (HTTP API and background loops).\n\n"
+    "Configured by environment variables:\n\n" + _variables_help()
+)
 def serve(
     host: Annotated[str | None, typer.Option(help="Override HOST")] = None,
     port: Annotated[int | None, typer.Option(help="Override PORT", min=1, max=65535)] = None,
@@ -82,6 +92,7 @@ def serve(
     import uvicorn
 
     from enginedge.adapters.telemetry.logging import configure_logging
+    from enginedge.bootstrap import StartupError, preflight
     from enginedge.entrypoints.asgi import build_app
 
     settings = _settings()
@@ -90,14 +101,31 @@ def serve(
     if generated is not None:
         err.print(
             "[yellow]No API_KEYS set[/yellow]: development API key (kept in "
-            f"{settings.data_dir / 'api-key'}):\n  {generated}", highlight=False)
-    fastapi_app = build_app(settings, keys=keys)
+            f"{settings.data_dir / 'api-key'}):\n  {generated}",
+            highlight=False,
+        )
+    try:
+        fastapi_app = build_app(settings, keys=keys)
+        asyncio.run(preflight(settings))
+    except ConfigError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    except StartupError as exc:
+        _fail(str(exc), EXIT_API)
     config = uvicorn.Config(
-        fastapi_app, host=host or settings.host, port=port or settings.port,
-        log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=30,
+        fastapi_app,
+        host=host or settings.host,
+        port=port or settings.port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=30,
         server_header=False,
     )
     server = uvicorn.Server(config)
+    # Uvicorn shuts down gracefully on SIGTERM/SIGINT, then raises the signal again against
+    # the handler it found: with these no-op handlers, a graceful shutdown exits 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     server.run()
     if not server.started:
         _fail("the service did not start; see the log above", EXIT_USAGE)
@@ -136,21 +164,29 @@ def _parse_json(text: str, what: str) -> dict[str, Any]:
     return value
 
 
-@app.command(help="Submit a task. PAYLOAD is a JSON object ('-' reads it from stdin).\n\n"
-             "Example: enginedge submit data.sql "
-             "'{\"sql\": \"select sum(x) as s from t\", \"tables\": {\"t\": [{\"x\": 1}, "
-             "{\"x\": 2}]}}' --wait")
+@app.command(
+    help="Submit a task. PAYLOAD is a JSON object ('-' reads it from stdin).\n\n"
+    "Example: enginedge submit data.sql "
+    '\'{"sql": "select sum(x) as s from t", "tables": {"t": [{"x": 1}, '
+    '{"x": 2}]}}\' --wait'
+)
 def submit(
     task_type: Annotated[str, typer.Argument(help="e.g. data.sql, data.describe, llm.chat")],
     payload: Annotated[str | None, typer.Argument(help="JSON object")] = None,
-    payload_file: Annotated[Path | None, typer.Option("--payload-file", "-f",
-                            help="Read the payload from this JSON file")] = None,
-    metadata: Annotated[str | None, typer.Option("--metadata", "-m",
-                        help="JSON object: priority, correlationId, timeout, callbackUrl")]
-    = None,
+    payload_file: Annotated[
+        Path | None,
+        typer.Option("--payload-file", "-f", help="Read the payload from this JSON file"),
+    ] = None,
+    metadata: Annotated[
+        str | None,
+        typer.Option(
+            "--metadata", "-m", help="JSON object: priority, correlationId, timeout, callbackUrl"
+        ),
+    ] = None,
     idempotency_key: Annotated[str | None, typer.Option("--idempotency-key")] = None,
-    wait: Annotated[bool, typer.Option("--wait", "-w",
-                    help="Follow the request to its end, showing progress")] = False,
+    wait: Annotated[
+        bool, typer.Option("--wait", "-w", help="Follow the request to its end, showing progress")
+    ] = False,
     url: UrlOption = DEFAULT_URL,
     api_key: KeyOption = None,
     as_json: JsonOption = False,
@@ -167,8 +203,7 @@ def submit(
     elif payload is not None:
         text = payload
     else:
-        _fail("a payload is needed: a JSON object, '-' for stdin, or --payload-file",
-              EXIT_USAGE)
+        _fail("a payload is needed: a JSON object, '-' for stdin, or --payload-file", EXIT_USAGE)
     body = _parse_json(text, "the payload")
     meta = _parse_json(metadata, "--metadata") if metadata else None
     client = _client(url, api_key)
@@ -180,8 +215,9 @@ def submit(
         if as_json:
             _print_json(accepted)
         else:
-            out.print(f"accepted {accepted['requestId']} ({accepted['workerType']})",
-                      highlight=False)
+            out.print(
+                f"accepted {accepted['requestId']} ({accepted['workerType']})", highlight=False
+            )
         return
     _follow(client, accepted["requestId"], as_json)
 
@@ -194,8 +230,11 @@ def _follow(client: Client, request_id: str, as_json: bool) -> None:
             for kind, data in client.events(request_id):
                 if kind == "progress":
                     chunk = data.get("chunk")
-                    text = chunk if isinstance(chunk, str) else (
-                        chunk.get("text") if isinstance(chunk, dict) else None)
+                    text = (
+                        chunk
+                        if isinstance(chunk, str)
+                        else (chunk.get("text") if isinstance(chunk, dict) else None)
+                    )
                     if isinstance(text, str):
                         spinner.stop()
                         err.out(text, end="", highlight=False)
@@ -203,8 +242,9 @@ def _follow(client: Client, request_id: str, as_json: bool) -> None:
                     else:
                         spinner.update(f"{request_id}: progress {data.get('seq')}")
                 elif kind == "status":
-                    spinner.update(f"{request_id}: {data['status']} "
-                                   f"(attempt {data.get('attempt')})")
+                    spinner.update(
+                        f"{request_id}: {data['status']} (attempt {data.get('attempt')})"
+                    )
                     if data["status"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
                         break
         if streamed:
@@ -249,8 +289,9 @@ def cancel(
 
 
 @app.command(help="List the worker registry.")
-def workers(url: UrlOption = DEFAULT_URL, api_key: KeyOption = None,
-            as_json: JsonOption = False) -> None:
+def workers(
+    url: UrlOption = DEFAULT_URL, api_key: KeyOption = None, as_json: JsonOption = False
+) -> None:
     try:
         items = _client(url, api_key).workers()
     except ApiError as exc:
@@ -260,8 +301,14 @@ def workers(url: UrlOption = DEFAULT_URL, api_key: KeyOption = None,
         return
     table = Table("worker", "type", "status", "load", "capabilities", "last heartbeat")
     for w in items:
-        table.add_row(w["workerId"], w["type"], w["status"], f"{w['active']}/{w['capacity']}",
-                      ", ".join(w["capabilities"]), w["lastHeartbeat"])
+        table.add_row(
+            w["workerId"],
+            w["type"],
+            w["status"],
+            f"{w['active']}/{w['capacity']}",
+            ", ".join(w["capabilities"]),
+            w["lastHeartbeat"],
+        )
     out.print(table)
 
 
@@ -273,8 +320,12 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                          help="Show the version and exit")] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Show the version and exit"
+        ),
+    ] = False,
 ) -> None:
     """EnginEdge Main Hexagon."""
 

@@ -55,12 +55,16 @@ class Client:
             raise ApiError("UNREACHABLE", f"cannot reach {self.base_url}: {exc}") from None
         return _decode(response)
 
-    def submit(self, task_type: str, payload: dict[str, Any], metadata: dict[str, Any] | None,
-               idempotency_key: str | None) -> dict[str, Any]:
+    def submit(
+        self,
+        task_type: str,
+        payload: dict[str, Any],
+        metadata: dict[str, Any] | None,
+        idempotency_key: str | None,
+    ) -> dict[str, Any]:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         body = {"taskType": task_type, "payload": payload, "metadata": metadata}
-        result: dict[str, Any] = self._call("POST", "/api/orchestrate", json=body,
-                                            headers=headers)
+        result: dict[str, Any] = self._call("POST", "/api/orchestrate", json=body, headers=headers)
         return result
 
     def status(self, request_id: str) -> dict[str, Any]:
@@ -78,9 +82,10 @@ class Client:
     def events(self, request_id: str) -> Iterator[tuple[str, dict[str, Any]]]:
         """Follow the request's SSE stream, yielding (event type, data) until it ends."""
         try:
-            with self._http() as http, http.stream(
-                "GET", f"/api/requests/{request_id}/events", timeout=None
-            ) as response:
+            with (
+                self._http() as http,
+                http.stream("GET", f"/api/requests/{request_id}/events", timeout=None) as response,
+            ):
                 if response.status_code != 200:
                     response.read()
                     _decode(response)
@@ -106,8 +111,6 @@ def _decode(response: httpx.Response) -> Any:
     if response.status_code >= 400:
         error = body.get("error") if isinstance(body, dict) else None
         if isinstance(error, dict):
-            raise ApiError(str(error.get("code")), str(error.get("message")),
-                           response.status_code)
-        raise ApiError(f"HTTP_{response.status_code}", response.text[:200],
-                       response.status_code)
+            raise ApiError(str(error.get("code")), str(error.get("message")), response.status_code)
+        raise ApiError(f"HTTP_{response.status_code}", response.text[:200], response.status_code)
     return body

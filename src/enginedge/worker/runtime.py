@@ -99,9 +99,15 @@ class WorkerRuntime:
             asyncio.create_task(self._listen_control(), name=f"worker-{self.id}-control"),
             asyncio.create_task(self._beat(), name=f"worker-{self.id}-heartbeat"),
         ]
-        log.info("worker started", extra={"workerId": self.id, "workerType": self.app.type,
-                                           "capabilities": self.app.capabilities,
-                                           "capacity": self.app.capacity})
+        log.info(
+            "worker started",
+            extra={
+                "workerId": self.id,
+                "workerType": self.app.type,
+                "capabilities": self.app.capabilities,
+                "capacity": self.app.capacity,
+            },
+        )
 
     async def heartbeat(self) -> None:
         message = HeartbeatMessage(
@@ -187,11 +193,17 @@ class WorkerRuntime:
             if not isinstance(result, dict):
                 raise TaskFailed(f"the handler returned {type(result).__name__}, not an object")
             elapsed = _ms(started)
-            await self._report(task, "completed", running.seq + 1, headers, result=result,
-                               processing_time=elapsed)
-            log.info("request processed", extra={"requestId": str(task.request_id),
-                                                 "workerType": self.app.type,
-                                                 "processingTime": elapsed})
+            await self._report(
+                task, "completed", running.seq + 1, headers, result=result, processing_time=elapsed
+            )
+            log.info(
+                "request processed",
+                extra={
+                    "requestId": str(task.request_id),
+                    "workerType": self.app.type,
+                    "processingTime": elapsed,
+                },
+            )
         except asyncio.CancelledError:
             _interrupt(task)
             if not running.cancelled:
@@ -201,17 +213,32 @@ class WorkerRuntime:
         except Exception as exc:
             error = str(exc) if isinstance(exc, TaskFailed) else f"{type(exc).__name__}: {exc}"
             try:
-                await self._report(task, "failed", running.seq + 1, headers, error=error,
-                                   processing_time=_ms(started))
+                await self._report(
+                    task,
+                    "failed",
+                    running.seq + 1,
+                    headers,
+                    error=error,
+                    processing_time=_ms(started),
+                )
             except Exception:
                 log.warning("failure not reported", exc_info=True)
         finally:
             self._running.pop(task.request_id, None)
             self._slots.release()
 
-    async def _report(self, task: Task, kind: str, seq: int, headers: Any, *,
-                      result: JSON | None = None, chunk: Any = None, error: str | None = None,
-                      processing_time: int | None = None) -> None:
+    async def _report(
+        self,
+        task: Task,
+        kind: str,
+        seq: int,
+        headers: Any,
+        *,
+        result: JSON | None = None,
+        chunk: Any = None,
+        error: str | None = None,
+        processing_time: int | None = None,
+    ) -> None:
         message = ResultMessage(
             request_id=task.request_id,
             attempt=task.attempt,
@@ -223,9 +250,9 @@ class WorkerRuntime:
             error=error,
             processing_time_ms=processing_time,
         )
-        await self.bus.publish([
-            BusMessage(RESULTS_TOPIC, str(task.request_id), message.to_json(), dict(headers))
-        ])
+        await self.bus.publish(
+            [BusMessage(RESULTS_TOPIC, str(task.request_id), message.to_json(), dict(headers))]
+        )
 
     async def _listen_control(self) -> None:
         assert self._control is not None
@@ -255,16 +282,27 @@ class WorkerRuntime:
             return False
         running.cancelled = True
         running.job.cancel()
-        log.info("request cancelled on the worker", extra={"requestId": str(request_id),
-                                                            "workerType": self.app.type})
+        log.info(
+            "request cancelled on the worker",
+            extra={"requestId": str(request_id), "workerType": self.app.type},
+        )
         return True
 
     async def _dead_letter(self, message: BusMessage, reason: str) -> None:
-        log.warning("message sent to the dead-letter queue",
-                    extra={"topic": message.topic, "reason": reason})
-        await self.bus.publish([BusMessage(dlq_topic(message.topic), message.key,
-                                           dead_letter(message.value, reason, self._clock()),
-                                           dict(message.headers))])
+        log.warning(
+            "message sent to the dead-letter queue",
+            extra={"topic": message.topic, "reason": reason},
+        )
+        await self.bus.publish(
+            [
+                BusMessage(
+                    dlq_topic(message.topic),
+                    message.key,
+                    dead_letter(message.value, reason, self._clock()),
+                    dict(message.headers),
+                )
+            ]
+        )
 
     async def stop(self, drain: bool = True) -> None:
         """Stop taking work; with ``drain``, let running handlers finish (up to the drain

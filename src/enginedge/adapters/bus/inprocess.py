@@ -66,9 +66,9 @@ class InProcessBus:
                     group.queue.put_nowait(message)
                     delivered = True
             if not delivered:
-                self._unclaimed.setdefault(
-                    message.topic, deque(maxlen=UNCLAIMED_LIMIT)
-                ).append(message)
+                self._unclaimed.setdefault(message.topic, deque(maxlen=UNCLAIMED_LIMIT)).append(
+                    message
+                )
 
     async def subscribe(self, topics: Sequence[str], group: str) -> InProcessSubscription:
         state = self._groups.setdefault(group, _Group(set()))

@@ -50,16 +50,14 @@ class InProcessEventStream:
         if changed is not None:
             changed.set()
         if event.type == "status" and event.data.get("status") in _TERMINAL_NAMES:
-            asyncio.get_running_loop().call_later(
-                self._retention, self._drop, event.request_id
-            )
+            asyncio.get_running_loop().call_later(self._retention, self._drop, event.request_id)
         return stored
 
     def _drop(self, request_id: uuid.UUID) -> None:
         self._events.pop(request_id, None)
 
     async def history(self, request_id: uuid.UUID, after: str | None) -> list[RequestEvent]:
-        return self._events.get(request_id, [])[_position(after):]
+        return self._events.get(request_id, [])[_position(after) :]
 
     @asynccontextmanager
     async def follow(

@@ -79,38 +79,61 @@ api = APIRouter(prefix="/api", responses=ERRORS)
 
 
 @api.post(
-    "/orchestrate", status_code=202, response_model=OrchestrateResponse,
-    responses={413: {"model": ErrorBody, "description": "PAYLOAD_TOO_LARGE"},
-               422: {"model": ErrorBody,
-                     "description": "INVALID_TASK_TYPE or INVALID_REQUEST_PAYLOAD"},
-               503: {"model": ErrorBody,
-                     "description": "NO_ELIGIBLE_WORKERS or SERVICE_UNAVAILABLE"}},
+    "/orchestrate",
+    status_code=202,
+    response_model=OrchestrateResponse,
+    responses={
+        413: {"model": ErrorBody, "description": "PAYLOAD_TOO_LARGE"},
+        422: {"model": ErrorBody, "description": "INVALID_TASK_TYPE or INVALID_REQUEST_PAYLOAD"},
+        503: {"model": ErrorBody, "description": "NO_ELIGIBLE_WORKERS or SERVICE_UNAVAILABLE"},
+    },
     summary="Submit a task",
 )
 async def orchestrate(
-    body: OrchestrateBody, request: Request, response: Response, ctx: Ctx, caller: Caller,
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=255,
-                               description="A retry with the same key returns the first "
-                               "request")] = None,
+    body: OrchestrateBody,
+    request: Request,
+    response: Response,
+    ctx: Ctx,
+    caller: Caller,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            max_length=255,
+            description="A retry with the same key returns the first request",
+        ),
+    ] = None,
     traceparent: Annotated[str | None, Header(max_length=64)] = None,
 ) -> OrchestrateResponse:
     """Accept a task; it is durable once this answers 202. Follow it at ``statusUrl``."""
-    submission = await use.submit(ctx, use.SubmitCommand(
-        task_type=body.taskType, payload=body.payload, metadata=body.metadata or {},
-        caller=caller, idempotency_key=idempotency_key, traceparent=traceparent,
-    ))
+    submission = await use.submit(
+        ctx,
+        use.SubmitCommand(
+            task_type=body.taskType,
+            payload=body.payload,
+            metadata=body.metadata or {},
+            caller=caller,
+            idempotency_key=idempotency_key,
+            traceparent=traceparent,
+        ),
+    )
     if not submission.created:
         response.headers["Idempotent-Replayed"] = "true"
     r = submission.request
     return OrchestrateResponse(
-        requestId=str(r.id), status=r.status.value, workerType=r.worker_type,
+        requestId=str(r.id),
+        status=r.status.value,
+        workerType=r.worker_type,
         estimatedDuration=submission.estimated_duration,
         statusUrl=f"/api/requests/{r.id}",
     )
 
 
-@api.get("/requests/{request_id}", response_model=RequestView,
-         responses={404: {"model": ErrorBody, "description": "REQUEST_NOT_FOUND"}})
+@api.get(
+    "/requests/{request_id}",
+    response_model=RequestView,
+    responses={404: {"model": ErrorBody, "description": "REQUEST_NOT_FOUND"}},
+)
 async def get_request(request_id: str, ctx: Ctx, caller: Caller) -> RequestView:
     """Status, timestamps, attempts, worker, and the result or error once terminal."""
     return RequestView.of(await use.get_request(ctx, _parse_id(request_id)))
@@ -128,9 +151,11 @@ def _parse_time(value: str | None, name: str) -> datetime | None:
 
 @api.get("/requests", response_model=RequestPage)
 async def list_requests(
-    ctx: Ctx, caller: Caller,
-    status: Annotated[list[str] | None, Query(description="Repeat or comma-separate: "
-                                              "PENDING, COMPLETED, ...")] = None,
+    ctx: Ctx,
+    caller: Caller,
+    status: Annotated[
+        list[str] | None, Query(description="Repeat or comma-separate: PENDING, COMPLETED, ...")
+    ] = None,
     taskType: Annotated[str | None, Query(max_length=50)] = None,
     since: Annotated[str | None, Query(description="Created at or after (ISO-8601)")] = None,
     until: Annotated[str | None, Query(description="Created before (ISO-8601)")] = None,
@@ -150,32 +175,46 @@ async def list_requests(
         position = use.decode_cursor(cursor)
         if position is None:
             raise InvalidPayload("cursor is not one this API returned")
-    rows, next_cursor = await use.list_requests(ctx, RequestQuery(
-        statuses=statuses, task_type=taskType, created_after=_parse_time(since, "since"),
-        created_before=_parse_time(until, "until"), limit=limit, cursor=position,
-    ))
+    rows, next_cursor = await use.list_requests(
+        ctx,
+        RequestQuery(
+            statuses=statuses,
+            task_type=taskType,
+            created_after=_parse_time(since, "since"),
+            created_before=_parse_time(until, "until"),
+            limit=limit,
+            cursor=position,
+        ),
+    )
     return RequestPage(items=[RequestView.of(r) for r in rows], nextCursor=next_cursor)
 
 
-@api.post("/requests/{request_id}/cancel", response_model=RequestView,
-          responses={404: {"model": ErrorBody, "description": "REQUEST_NOT_FOUND"},
-                     409: {"model": ErrorBody, "description": "CANNOT_CANCEL"}})
+@api.post(
+    "/requests/{request_id}/cancel",
+    response_model=RequestView,
+    responses={
+        404: {"model": ErrorBody, "description": "REQUEST_NOT_FOUND"},
+        409: {"model": ErrorBody, "description": "CANNOT_CANCEL"},
+    },
+)
 async def cancel_request(request_id: str, ctx: Ctx, caller: Caller) -> RequestView:
     """Cancel a request that has not finished; its worker is told to stop."""
     return RequestView.of(await use.cancel(ctx, _parse_id(request_id)))
 
 
 def _sse(event: RequestEvent) -> ServerSentEvent:
-    return ServerSentEvent(data=orjson.dumps(event.data).decode(), event=event.type,
-                           id=event.id or None)
+    return ServerSentEvent(
+        data=orjson.dumps(event.data).decode(), event=event.type, id=event.id or None
+    )
 
 
 def _is_terminal(event: RequestEvent) -> bool:
     return event.type == "status" and RequestStatus(event.data["status"]).terminal
 
 
-async def _event_stream(ctx: Context, request_id: uuid.UUID,
-                        after: str | None) -> AsyncIterator[ServerSentEvent]:
+async def _event_stream(
+    ctx: Context, request_id: uuid.UUID, after: str | None
+) -> AsyncIterator[ServerSentEvent]:
     async with ctx.events.follow(request_id, after, SSE_IDLE_SECONDS) as stream:
         async for event in stream:
             if event is None:
@@ -194,12 +233,18 @@ async def _event_stream(ctx: Context, request_id: uuid.UUID,
 @api.get(
     "/requests/{request_id}/events",
     response_class=EventSourceResponse,
-    responses={200: {"content": {"text/event-stream": {}},
-                     "description": "status and progress events until the request ends"},
-               404: {"model": ErrorBody, "description": "REQUEST_NOT_FOUND"}},
+    responses={
+        200: {
+            "content": {"text/event-stream": {}},
+            "description": "status and progress events until the request ends",
+        },
+        404: {"model": ErrorBody, "description": "REQUEST_NOT_FOUND"},
+    },
 )
 async def request_events(
-    request_id: str, ctx: Ctx, caller: Caller,
+    request_id: str,
+    ctx: Ctx,
+    caller: Caller,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=64)] = None,
     lastEventId: Annotated[str | None, Query(max_length=64)] = None,
 ) -> EventSourceResponse:
@@ -229,14 +274,19 @@ async def list_workers(ctx: Ctx, caller: Caller) -> WorkerList:
     """The registry: every known worker with its health and load."""
     now = ctx.clock.now()
     workers = await ctx.registry.all() or await ctx.store.list_workers()
-    return WorkerList(items=[
-        WorkerView.of(w, w.effective_status(now, ctx.policy.heartbeat_ttl).value)
-        for w in sorted(workers, key=lambda w: (w.type, w.id))
-    ])
+    return WorkerList(
+        items=[
+            WorkerView.of(w, w.effective_status(now, ctx.policy.heartbeat_ttl).value)
+            for w in sorted(workers, key=lambda w: (w.type, w.id))
+        ]
+    )
 
 
-@api.get("/workers/{worker_id}", response_model=WorkerView,
-         responses={404: {"model": ErrorBody, "description": "WORKER_NOT_FOUND"}})
+@api.get(
+    "/workers/{worker_id}",
+    response_model=WorkerView,
+    responses={404: {"model": ErrorBody, "description": "WORKER_NOT_FOUND"}},
+)
 async def get_worker(worker_id: str, ctx: Ctx, caller: Caller) -> WorkerView:
     worker = await ctx.registry.get(worker_id)
     if worker is None:
@@ -256,8 +306,11 @@ async def live() -> ProbeView:
     return ProbeView(status="ok")
 
 
-@probes.get("/ready", response_model=ProbeView,
-            responses={503: {"model": ProbeView, "description": "not ready"}})
+@probes.get(
+    "/ready",
+    response_model=ProbeView,
+    responses={503: {"model": ProbeView, "description": "not ready"}},
+)
 async def ready(ctx: Ctx, response: Response) -> ProbeView:
     """Store (with migrations applied), bus and cache reachable."""
     components = await check_components(ctx)
@@ -266,13 +319,18 @@ async def ready(ctx: Ctx, response: Response) -> ProbeView:
         response.status_code = 503
     return ProbeView(
         status="ready" if is_ready else "not ready",
-        components={k: {"status": v.status, "error": v.error}  # type: ignore[misc]
-                    for k, v in components.items()},
+        components={
+            k: {"status": v.status, "error": v.error}  # type: ignore[misc]
+            for k, v in components.items()
+        },
     )
 
 
-@probes.get("/health", response_model=HealthView,
-            responses={503: {"model": HealthView, "description": "not serving"}})
+@probes.get(
+    "/health",
+    response_model=HealthView,
+    responses={503: {"model": HealthView, "description": "not serving"}},
+)
 async def health_view(request: Request, ctx: Ctx, response: Response) -> HealthView:
     """Overall status, each component, and each worker type (healthy/total)."""
     report = await health(ctx)
@@ -283,14 +341,15 @@ async def health_view(request: Request, ctx: Ctx, response: Response) -> HealthV
     return HealthView(
         status=report.status,  # type: ignore[arg-type]
         timestamp=ctx.clock.now(),
-        components={k: {"status": v.status, "error": v.error}  # type: ignore[misc]
-                    for k, v in report.components.items()},
+        components={
+            k: {"status": v.status, "error": v.error}  # type: ignore[misc]
+            for k, v in report.components.items()
+        },
         workers=report.workers,
     )
 
 
-@probes.get("/metrics", response_class=Response,
-            responses={200: {"content": {"text/plain": {}}}})
+@probes.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
 async def metrics(request: Request, ctx: Ctx) -> Response:
     """Prometheus text format."""
     service: Service = request.app.state.service
@@ -299,8 +358,7 @@ async def metrics(request: Request, ctx: Ctx) -> Response:
     # The store being down must not hide the other series (/ready reports it).
     with contextlib.suppress(Exception):
         service.metrics.outbox_backlog.set(await ctx.store.outbox_backlog())
-    return Response(service.metrics.render(),
-                    media_type="text/plain; version=0.0.4; charset=utf-8")
+    return Response(service.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 def create_app(service: Service, keys: list[str], max_body_bytes: int) -> FastAPI:

@@ -9,8 +9,9 @@ from collections.abc import Sequence
 from fastapi import HTTPException
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
-                              description="One of the keys in API_KEYS")
+api_key_header = APIKeyHeader(
+    name="X-API-Key", auto_error=False, description="One of the keys in API_KEYS"
+)
 bearer = HTTPBearer(auto_error=False, description="The same key as a bearer token")
 
 
@@ -42,8 +43,9 @@ class KeyChecker:
         )
 
 
-def presented_key(header_key: str | None,
-                  credentials: HTTPAuthorizationCredentials | None) -> str | None:
+def presented_key(
+    header_key: str | None, credentials: HTTPAuthorizationCredentials | None
+) -> str | None:
     if header_key:
         return header_key
     if credentials is not None and credentials.scheme.lower() == "bearer":

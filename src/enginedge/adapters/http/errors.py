@@ -34,8 +34,13 @@ HTTP_CODES = {
 }
 
 
-def error_response(status: int, code: str, message: str, request_id: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    request_id: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     detail: dict[str, Any] = {"code": code, "message": message}
     if request_id is not None:
         detail["requestId"] = request_id
@@ -69,8 +74,7 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
             code = "INVALID_TASK_TYPE"
         where = ".".join(loc) or "body"
         problems.append(f"{where}: {err.get('msg', 'invalid')}")
-    return error_response(422, code, "; ".join(problems) or "invalid request",
-                          _request_id(request))
+    return error_response(422, code, "; ".join(problems) or "invalid request", _request_id(request))
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:

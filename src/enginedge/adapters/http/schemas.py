@@ -15,10 +15,12 @@ class Model(BaseModel):
 
 
 class OrchestrateBody(Model):
-    taskType: str = Field(description="Task type, e.g. data.sql, data.describe, llm.chat",
-                          examples=["data.sql"])
-    payload: dict[str, Any] = Field(description="Input of the task; its shape depends on the "
-                                    "task type")
+    taskType: str = Field(
+        description="Task type, e.g. data.sql, data.describe, llm.chat", examples=["data.sql"]
+    )
+    payload: dict[str, Any] = Field(
+        description="Input of the task; its shape depends on the task type"
+    )
     metadata: dict[str, Any] | None = Field(
         default=None,
         description="Optional: priority (-100..100), correlationId, timeout (seconds), "
@@ -31,7 +33,8 @@ class OrchestrateResponse(Model):
     status: str
     workerType: str
     estimatedDuration: float | None = Field(
-        description="Seconds this task type has recently taken; null until one has finished")
+        description="Seconds this task type has recently taken; null until one has finished"
+    )
     statusUrl: str
 
 
@@ -60,20 +63,34 @@ class RequestView(Model):
     @classmethod
     def of(cls, r: Request) -> RequestView:
         return cls(
-            requestId=str(r.id), taskType=r.task_type, status=r.status.value,
-            workerType=r.worker_type, workerId=r.worker_id, attempts=r.attempts,
-            maxAttempts=r.max_attempts, priority=r.priority, correlationId=r.correlation_id,
-            payload=r.payload, metadata=r.metadata, createdAt=r.created_at,
-            updatedAt=r.updated_at, deadline=r.deadline, dispatchedAt=r.dispatched_at,
-            startedAt=r.started_at, finishedAt=r.finished_at, result=r.result, error=r.error,
+            requestId=str(r.id),
+            taskType=r.task_type,
+            status=r.status.value,
+            workerType=r.worker_type,
+            workerId=r.worker_id,
+            attempts=r.attempts,
+            maxAttempts=r.max_attempts,
+            priority=r.priority,
+            correlationId=r.correlation_id,
+            payload=r.payload,
+            metadata=r.metadata,
+            createdAt=r.created_at,
+            updatedAt=r.updated_at,
+            deadline=r.deadline,
+            dispatchedAt=r.dispatched_at,
+            startedAt=r.started_at,
+            finishedAt=r.finished_at,
+            result=r.result,
+            error=r.error,
             processingTime=r.processing_time_ms,
         )
 
 
 class RequestPage(Model):
     items: list[RequestView]
-    nextCursor: str | None = Field(description="Pass as ?cursor= for the next page; null at "
-                                   "the end")
+    nextCursor: str | None = Field(
+        description="Pass as ?cursor= for the next page; null at the end"
+    )
 
 
 class WorkerView(Model):
@@ -92,9 +109,16 @@ class WorkerView(Model):
     @classmethod
     def of(cls, w: Worker, status: str) -> WorkerView:
         return cls(
-            workerId=w.id, type=w.type, endpoint=w.endpoint, status=status,  # type: ignore[arg-type]
-            capabilities=w.capabilities, capacity=w.capacity, active=w.active, load=w.load,
-            lastHeartbeat=w.last_heartbeat, lastHealthCheck=w.last_health_check,
+            workerId=w.id,
+            type=w.type,
+            endpoint=w.endpoint,
+            status=status,  # type: ignore[arg-type]
+            capabilities=w.capabilities,
+            capacity=w.capacity,
+            active=w.active,
+            load=w.load,
+            lastHeartbeat=w.last_heartbeat,
+            lastHealthCheck=w.last_health_check,
             statusReason=w.reason,
         )
 
@@ -123,7 +147,8 @@ class HealthView(Model):
     timestamp: datetime
     components: dict[str, ComponentView]
     workers: dict[str, dict[str, int]] = Field(
-        description="Per worker type: healthy and total workers")
+        description="Per worker type: healthy and total workers"
+    )
 
 
 class ProbeView(Model):

@@ -38,8 +38,9 @@ def async_url(database_url: str) -> URL:
         return url.set(drivername="postgresql+asyncpg", query=query)
     if backend == "sqlite":
         return url.set(drivername="sqlite+aiosqlite")
-    raise ValueError(f"unsupported database URL scheme {url.drivername!r}: use postgresql:// "
-                     "or sqlite:///path")
+    raise ValueError(
+        f"unsupported database URL scheme {url.drivername!r}: use postgresql:// or sqlite:///path"
+    )
 
 
 def sqlite_url(path: Path) -> str:
@@ -51,8 +52,9 @@ def create_engine(database_url: str, pool: PoolSettings) -> AsyncEngine:
     if url.get_backend_name() == "sqlite":
         # One connection: SQLite has one writer at a time, and a single connection keeps
         # transactions serial without "database is locked" retries.
-        engine = create_async_engine(url, pool_size=1, max_overflow=0,
-                                     pool_timeout=pool.acquire_timeout)
+        engine = create_async_engine(
+            url, pool_size=1, max_overflow=0, pool_timeout=pool.acquire_timeout
+        )
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
     kwargs: dict[str, Any] = {
@@ -88,7 +90,10 @@ async def connect_with_retries(engine: AsyncEngine, pool: PoolSettings) -> None:
                 raise
             log.warning(
                 "database not reachable, retrying",
-                extra={"attempt": attempt + 1, "error": type(exc).__name__,
-                       "retryInSeconds": pool.retry_delay},
+                extra={
+                    "attempt": attempt + 1,
+                    "error": type(exc).__name__,
+                    "retryInSeconds": pool.retry_delay,
+                },
             )
             await asyncio.sleep(pool.retry_delay)

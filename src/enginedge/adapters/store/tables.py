@@ -126,8 +126,9 @@ workers = Table(
 outbox = Table(
     "outbox",
     metadata,
-    Column("id", BigInteger().with_variant(Integer(), "sqlite"), primary_key=True,
-           autoincrement=True),
+    Column(
+        "id", BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+    ),
     Column("topic", String(255), nullable=False),
     Column("key", String(255), nullable=False),
     Column("value", Text, nullable=False),

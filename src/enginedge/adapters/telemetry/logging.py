@@ -13,8 +13,13 @@ from typing import Any
 
 import structlog
 
-LEVELS = {"error": logging.ERROR, "warn": logging.WARNING, "warning": logging.WARNING,
-          "info": logging.INFO, "debug": logging.DEBUG}
+LEVELS = {
+    "error": logging.ERROR,
+    "warn": logging.WARNING,
+    "warning": logging.WARNING,
+    "info": logging.INFO,
+    "debug": logging.DEBUG,
+}
 
 
 def _rename_event(

@@ -24,16 +24,35 @@ STATUS_LABELS = {
     RequestStatus.CANCELLED: "cancelled",
     RequestStatus.TIMEOUT: "timeout",
 }
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
-                   60, 120, 300, 600)
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    120,
+    300,
+    600,
+)
 
 
 class _QuantileSummary(Collector):
     """A summary with quantiles over the most recent observations (prometheus_client's own
     Summary has no quantiles)."""
 
-    def __init__(self, name: str, documentation: str, quantiles: Iterable[float],
-                 window: int = 2048) -> None:
+    def __init__(
+        self, name: str, documentation: str, quantiles: Iterable[float], window: int = 2048
+    ) -> None:
         self._name = name
         self._doc = documentation
         self._quantiles = tuple(quantiles)
@@ -66,42 +85,68 @@ class PrometheusMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("enginedge_requests", "Requests finished, by outcome",
-                                ["status"], registry=r)
+        self.requests = Counter(
+            "enginedge_requests", "Requests finished, by outcome", ["status"], registry=r
+        )
         for label in STATUS_LABELS.values():
             self.requests.labels(label)
         self.duration = _QuantileSummary(
             "enginedge_request_duration_seconds",
-            "Time from acceptance to a terminal state (recent requests)", (0.5, 0.95))
+            "Time from acceptance to a terminal state (recent requests)",
+            (0.5, 0.95),
+        )
         r.register(self.duration)
         self.duration_histogram = Histogram(
             "enginedge_request_duration_histogram_seconds",
-            "Time from acceptance to a terminal state", buckets=LATENCY_BUCKETS, registry=r)
-        self.accepted = Counter("enginedge_requests_accepted", "Requests accepted (202)",
-                                ["task_type", "worker_type"], registry=r)
+            "Time from acceptance to a terminal state",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.accepted = Counter(
+            "enginedge_requests_accepted",
+            "Requests accepted (202)",
+            ["task_type", "worker_type"],
+            registry=r,
+        )
         self.dispatch_latency = Histogram(
             "enginedge_dispatch_latency_seconds",
-            "Time from acceptance to the dispatch reaching the bus", ["worker_type"],
-            buckets=LATENCY_BUCKETS, registry=r)
-        self.redispatches = Counter("enginedge_redispatches", "Attempts dispatched again",
-                                    ["reason"], registry=r)
-        self.ignored = Counter("enginedge_results_ignored",
-                               "Worker messages that changed nothing (duplicate, late, "
-                               "superseded)", ["reason"], registry=r)
-        self.dlq = Counter("enginedge_dlq_messages", "Messages sent to a dead-letter queue",
-                           ["topic"], registry=r)
-        self.workers_active = Gauge("enginedge_workers_active_total",
-                                    "Healthy workers in the fleet", registry=r)
-        self.worker_health = Gauge("enginedge_worker_health_status",
-                                   "Workers by type and health", ["worker_type", "status"],
-                                   registry=r)
-        self.outbox_backlog = Gauge("enginedge_outbox_backlog",
-                                    "Outbox messages not yet published", registry=r)
-        self.memory = Gauge("enginedge_memory_usage_bytes", "Resident memory of this process",
-                            registry=r)
-        self.cpu = Gauge("enginedge_cpu_usage_percent",
-                         "CPU use of this process since the last scrape (100 = one core)",
-                         registry=r)
+            "Time from acceptance to the dispatch reaching the bus",
+            ["worker_type"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.redispatches = Counter(
+            "enginedge_redispatches", "Attempts dispatched again", ["reason"], registry=r
+        )
+        self.ignored = Counter(
+            "enginedge_results_ignored",
+            "Worker messages that changed nothing (duplicate, late, superseded)",
+            ["reason"],
+            registry=r,
+        )
+        self.dlq = Counter(
+            "enginedge_dlq_messages", "Messages sent to a dead-letter queue", ["topic"], registry=r
+        )
+        self.workers_active = Gauge(
+            "enginedge_workers_active_total", "Healthy workers in the fleet", registry=r
+        )
+        self.worker_health = Gauge(
+            "enginedge_worker_health_status",
+            "Workers by type and health",
+            ["worker_type", "status"],
+            registry=r,
+        )
+        self.outbox_backlog = Gauge(
+            "enginedge_outbox_backlog", "Outbox messages not yet published", registry=r
+        )
+        self.memory = Gauge(
+            "enginedge_memory_usage_bytes", "Resident memory of this process", registry=r
+        )
+        self.cpu = Gauge(
+            "enginedge_cpu_usage_percent",
+            "CPU use of this process since the last scrape (100 = one core)",
+            registry=r,
+        )
         self._process = psutil.Process(os.getpid())
         self._process.cpu_percent(None)
 

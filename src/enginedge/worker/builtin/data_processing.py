@@ -56,7 +56,9 @@ class DataSession:
 
     def __init__(self, data_root: Path, task: Task) -> None:
         self._root = data_root.resolve()
+        # No progress bar: DuckDB would draw it on the worker's stdout.
         self.con = duckdb.connect(":memory:")
+        self.con.execute("SET enable_progress_bar = false")
         task.on_cancel(self.con.interrupt)
 
     def load_records(self, name: str, records: list[JSON]) -> None:
@@ -93,8 +95,9 @@ class DataSession:
         columns = [d[0] for d in cursor.description]
         rows = cursor.fetchmany(MAX_RESULT_ROWS + 1)
         if len(rows) > MAX_RESULT_ROWS:
-            raise TaskFailed(f"the query returned more than {MAX_RESULT_ROWS} rows; "
-                             "aggregate or add a LIMIT")
+            raise TaskFailed(
+                f"the query returned more than {MAX_RESULT_ROWS} rows; aggregate or add a LIMIT"
+            )
         return {"columns": columns, "rows": [[_json_value(v) for v in row] for row in rows]}
 
     def columns(self, table: str) -> list[tuple[str, str]]:
@@ -106,9 +109,22 @@ class DataSession:
 
 def _numeric(duck_type: str) -> bool:
     base = duck_type.split("(")[0].upper()
-    return base in {"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT",
-                    "USMALLINT", "UINTEGER", "UBIGINT", "UHUGEINT", "FLOAT", "DOUBLE",
-                    "DECIMAL", "REAL"}
+    return base in {
+        "TINYINT",
+        "SMALLINT",
+        "INTEGER",
+        "BIGINT",
+        "HUGEINT",
+        "UTINYINT",
+        "USMALLINT",
+        "UINTEGER",
+        "UBIGINT",
+        "UHUGEINT",
+        "FLOAT",
+        "DOUBLE",
+        "DECIMAL",
+        "REAL",
+    }
 
 
 def _checked(task: Task) -> None:
@@ -148,8 +164,9 @@ def describe(data_root: Path, task: Task) -> JSON:
         wanted = task.payload.get("columns") or list(available)
         missing = [c for c in wanted if c not in available]
         if missing:
-            raise TaskFailed(f"unknown column(s): {', '.join(missing)}; "
-                             f"the data has {', '.join(available)}")
+            raise TaskFailed(
+                f"unknown column(s): {', '.join(missing)}; the data has {', '.join(available)}"
+            )
         stats: JSON = {}
         for column in wanted:
             q = _quote(column)
@@ -162,8 +179,13 @@ def describe(data_root: Path, task: Task) -> JSON:
                 "FROM data"
             ).fetchone()
             assert row is not None
-            stats[column] = dict(zip(("count", "nulls", "min", "max", "mean", "std"),
-                                     (_json_value(v) for v in row), strict=True))
+            stats[column] = dict(
+                zip(
+                    ("count", "nulls", "min", "max", "mean", "std"),
+                    (_json_value(v) for v in row),
+                    strict=True,
+                )
+            )
             stats[column]["type"] = available[column]
         return {"columns": stats}
     except duckdb.Error as exc:

@@ -46,7 +46,10 @@ def upgrade() -> None:
     op.create_index("ix_requests_status_updated", "requests", ["status", "updated_at"])
     op.create_index("ix_requests_worker", "requests", ["worker_id"])
     op.create_index(
-        "ux_requests_idempotency", "requests", ["api_key_hash", "idempotency_key"], unique=True,
+        "ux_requests_idempotency",
+        "requests",
+        ["api_key_hash", "idempotency_key"],
+        unique=True,
         postgresql_where=sa.text("idempotency_key IS NOT NULL"),
         sqlite_where=sa.text("idempotency_key IS NOT NULL"),
     )
@@ -62,8 +65,7 @@ def upgrade() -> None:
         sa.Column("attempt", sa.Integer(), nullable=False, server_default="1"),
         sa.Column("worker_id", sa.String(64)),
     )
-    op.create_index("ux_request_results_request", "request_results", ["request_id"],
-                    unique=True)
+    op.create_index("ux_request_results_request", "request_results", ["request_id"], unique=True)
     op.create_table(
         "workers",
         sa.Column("id", sa.Uuid(), primary_key=True),
@@ -81,8 +83,12 @@ def upgrade() -> None:
     )
     op.create_table(
         "outbox",
-        sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True,
-                  autoincrement=True),
+        sa.Column(
+            "id",
+            sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+            primary_key=True,
+            autoincrement=True,
+        ),
         sa.Column("topic", sa.String(255), nullable=False),
         sa.Column("key", sa.String(255), nullable=False),
         sa.Column("value", sa.Text(), nullable=False),

@@ -1,0 +1,43 @@
+# The two commands a fresh machine needs (see README): `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+TSTAMP := $(VENV)/.installed-test
+
+.PHONY: run test lint unit install install-test servers clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(TSTAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+install: $(STAMP)
+
+install-test: $(TSTAMP)
+
+## Start the service on its embedded defaults (SQLite, in-process bus, built-in worker).
+run: install
+	$(BIN)/enginedge serve
+
+servers: install-test
+	./scripts/ensure-test-servers.sh $(BIN)/pip
+
+lint: install-test
+	$(BIN)/ruff check src tests
+	$(BIN)/mypy
+
+unit: install-test
+	$(BIN)/pytest tests/unit -q
+
+## Install everything, then lint, type-check and run the whole suite against real servers.
+test: servers lint
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist
