@@ -149,6 +149,13 @@ VARIABLES: tuple[Variable, ...] = (
         _brokers,
         "Kafka broker addresses (host:port,...); unset: the in-process bus",
     ),
+    Variable(
+        "KAFKA_PARTITIONS",
+        "kafka_partitions",
+        "3",
+        _positive_int,
+        "partitions of each topic the service creates",
+    ),
     Variable("KAFKA_USERNAME", "kafka_username", None, str, "SASL user name for Kafka"),
     Variable("KAFKA_PASSWORD", "kafka_password", None, str, "SASL password for Kafka", secret=True),
     Variable(
@@ -337,6 +344,7 @@ class Settings:
     log_level: str = "info"
     database_url: str | None = None
     kafka_brokers: str | None = None
+    kafka_partitions: int = 3
     kafka_username: str | None = None
     kafka_password: str | None = None
     redis_url: str | None = None

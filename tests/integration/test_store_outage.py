@@ -24,8 +24,13 @@ async def test_database_down_is_503_then_recovers(tmp_path: Path) -> None:
             assert submitted.status_code == 503, submitted.text
             assert submitted.json()["error"]["code"] == "SERVICE_UNAVAILABLE"
             assert submitted.headers["Retry-After"]
-            status = await svc.client.get(f"/api/requests/{before}", headers=H)
-            assert status.status_code == 503
+            # A finished request is still answered, from the cache; a listing needs the store.
+            cached = await svc.client.get(f"/api/requests/{before}", headers=H)
+            assert cached.status_code == 200
+            assert cached.json()["status"] == "COMPLETED"
+            listing = await svc.client.get("/api/requests", headers=H)
+            assert listing.status_code == 503
+            assert listing.json()["error"]["code"] == "SERVICE_UNAVAILABLE"
             ready = await svc.client.get("/ready")
             assert ready.status_code == 503
             assert ready.json()["components"]["database"]["status"] == "down"

@@ -14,7 +14,7 @@ import httpx
 import uvicorn
 from fastapi import FastAPI
 
-from enginedge.bootstrap import Service
+from enginedge.service import Service
 from enginedge.config import Settings
 from enginedge.entrypoints.asgi import build_app
 from enginedge.worker import WorkerApp

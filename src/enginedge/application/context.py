@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -13,6 +14,7 @@ from enginedge.application.ports import (
     MessageBus,
     Metrics,
     RateLimiter,
+    RequestCache,
     RequestStore,
     WorkerRegistry,
 )
@@ -48,6 +50,7 @@ class Context:
     events: EventStream
     limiter: RateLimiter
     cache: Cache
+    request_cache: RequestCache
     metrics: Metrics
     clock: Clock
     policy: Policy = field(default_factory=Policy)
@@ -56,6 +59,8 @@ class Context:
     started_at: datetime | None = None
     # Moving average of processing time per task type, for the estimate given at submit.
     durations: dict[str, float] = field(default_factory=dict)
+    # Running requests whose worker, though alive, stopped listing them, since when.
+    unheld_since: dict[uuid.UUID, datetime] = field(default_factory=dict)
 
     def observe_duration(self, task_type: str, seconds: float) -> None:
         previous = self.durations.get(task_type)

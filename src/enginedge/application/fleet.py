@@ -95,6 +95,7 @@ async def record_heartbeat(ctx: Context, msg: HeartbeatMessage) -> Worker:
         last_heartbeat=now,
         last_health_check=previous.last_health_check if previous else None,
         first_seen=previous.first_seen if previous and previous.first_seen else now,
+        in_flight=list(msg.in_flight),
     )
     await ctx.registry.upsert(worker)
     if previous is None or _persisted_fields_changed(ctx, previous, worker):

@@ -10,7 +10,7 @@ from enginedge.application.context import Context
 from enginedge.application.events import status_event
 from enginedge.application.outbox import cancel_message, dispatch_message, finish, finished
 from enginedge.application.ports import StoreTransaction
-from enginedge.domain.model import Request, RequestEvent, WorkerStatus
+from enginedge.domain.model import Request, RequestEvent, RequestStatus, Worker, WorkerStatus
 
 BATCH = 200
 
@@ -30,7 +30,8 @@ async def sweep(ctx: Context) -> SweepReport:
     report = SweepReport()
     now = ctx.clock.now()
     await _time_out(ctx, now, report)
-    lost = await _lost_workers(ctx, now, report)
+    workers = await ctx.registry.all()
+    lost = await _lost_workers(ctx, workers, now, report)
     if lost:
         await _redispatch(
             ctx,
@@ -39,6 +40,16 @@ async def sweep(ctx: Context) -> SweepReport:
             "worker_lost",
             "the worker running it was lost",
             lambda tx: tx.lock_in_flight(sorted(lost), BATCH),
+        )
+    alive = [w for w in workers if w.id not in lost]
+    if alive:
+        await _redispatch(
+            ctx,
+            now,
+            report,
+            "result_lost",
+            "its worker no longer holds it and no result came",
+            lambda tx: _unheld(ctx, tx, alive, now),
         )
     await _redispatch(
         ctx,
@@ -89,10 +100,12 @@ async def _time_out(ctx: Context, now: datetime, report: SweepReport) -> None:
             return
 
 
-async def _lost_workers(ctx: Context, now: datetime, report: SweepReport) -> set[str]:
+async def _lost_workers(
+    ctx: Context, workers: list[Worker], now: datetime, report: SweepReport
+) -> set[str]:
     """Workers whose heartbeats stopped or who said they are unhealthy; mark them."""
     lost: set[str] = set()
-    for worker in await ctx.registry.all():
+    for worker in workers:
         status = worker.effective_status(now, ctx.policy.heartbeat_ttl)
         if status is not WorkerStatus.UNHEALTHY:
             continue
@@ -105,6 +118,33 @@ async def _lost_workers(ctx: Context, now: datetime, report: SweepReport) -> set
                 await tx.save_worker(worker)
             report.workers_lost += 1
     return lost
+
+
+async def _unheld(
+    ctx: Context, tx: StoreTransaction, alive: list[Worker], now: datetime
+) -> list[Request]:
+    """Running requests that their live worker has not listed in its heartbeats for a whole
+    heartbeat TTL: the worker finished or dropped them and the outcome was lost on the way
+    (e.g. a broker restart lost the result message)."""
+    held = {rid for w in alive for rid in w.in_flight}
+    running = await tx.lock_in_flight([w.id for w in alive], BATCH)
+    seen = set()
+    overdue = []
+    for request in running:
+        if request.status is not RequestStatus.PROCESSING:
+            continue
+        seen.add(request.id)
+        if str(request.id) in held:
+            ctx.unheld_since.pop(request.id, None)
+            continue
+        since = ctx.unheld_since.setdefault(request.id, now)
+        if now - since > ctx.policy.heartbeat_ttl:
+            overdue.append(request)
+    for request_id in set(ctx.unheld_since) - seen:
+        del ctx.unheld_since[request_id]
+    for request in overdue:
+        ctx.unheld_since.pop(request.id, None)
+    return overdue
 
 
 async def _redispatch(

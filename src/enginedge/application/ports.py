@@ -135,7 +135,11 @@ class BusMessage:
 
 class Subscription(Protocol):
     async def next_batch(self, max_messages: int, timeout: float) -> list[BusMessage]:
-        """Up to ``max_messages``, waiting at most ``timeout`` seconds for the first."""
+        """Up to ``max_messages``, waiting at most ``timeout`` seconds for the first.
+
+        With ``max_messages`` 0 the consumer takes nothing (the messages stay in the bus for
+        the group's other members) but stays a live member of its group.
+        """
         ...
 
     async def commit(self) -> None:
@@ -158,6 +162,10 @@ class MessageBus(Protocol):
         ...
 
     async def subscribe(self, topics: Sequence[str], group: str) -> Subscription: ...
+
+    async def prepare(self, topics: Sequence[str]) -> None:
+        """Make sure the topics exist (created with the configured partitions if not)."""
+        ...
 
     async def ping(self) -> None: ...
 
@@ -201,6 +209,16 @@ class EventStream(Protocol):
 class RateLimiter(Protocol):
     async def hit(self, key: str, limit: int, window_seconds: int, now: datetime) -> int | None:
         """Count one call; ``None`` if allowed, else the seconds until the window resets."""
+        ...
+
+
+class RequestCache(Protocol):
+    """Finished requests by id, to answer status reads without the store."""
+
+    async def get(self, request_id: uuid.UUID) -> Request | None: ...
+
+    async def put(self, request: Request) -> None:
+        """Keep ``request`` if it is terminal (it never changes again); ignore it otherwise."""
         ...
 
 

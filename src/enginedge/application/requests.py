@@ -112,9 +112,15 @@ def _replay(ctx: Context, request: Request) -> Submission:
 
 
 async def get_request(ctx: Context, request_id: uuid.UUID) -> Request:
+    """A request by id: finished ones from the cache, running ones from the store."""
+    request = await ctx.request_cache.get(request_id)
+    if request is not None:
+        return request
     request = await ctx.store.get_request(request_id)
     if request is None:
         raise RequestNotFound(f"Request {request_id} not found")
+    if request.terminal:
+        await ctx.request_cache.put(request)
     return request
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -167,6 +167,8 @@ class Worker:
     last_health_check: datetime | None = None
     first_seen: datetime | None = None
     reason: str | None = None
+    # Request ids the worker said it holds in its last heartbeat.
+    in_flight: list[str] = field(default_factory=list)
 
     def effective_status(self, now: datetime, heartbeat_ttl: timedelta) -> WorkerStatus:
         """The status to route by: a worker whose heartbeats stopped is unhealthy."""

@@ -29,6 +29,8 @@ class InProcessSubscription:
         self._group = group
 
     async def next_batch(self, max_messages: int, timeout: float) -> list[BusMessage]:
+        if max_messages <= 0:
+            return []
         queue = self._group.queue
         if queue.empty():
             try:
@@ -82,6 +84,9 @@ class InProcessBus:
     def unclaimed(self, topic: str) -> list[BusMessage]:
         """Messages of a topic no group consumes (e.g. a dead-letter queue)."""
         return list(self._unclaimed.get(topic, ()))
+
+    async def prepare(self, topics: Sequence[str]) -> None:
+        """Nothing to create: topics exist as soon as they are used."""
 
     async def ping(self) -> None:
         """Always reachable: it lives in this process."""

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import datetime
 
-from enginedge.domain.model import TERMINAL_STATUSES, RequestEvent, Worker
+from enginedge.domain.model import TERMINAL_STATUSES, Request, RequestEvent, Worker
 
 _TERMINAL_NAMES = frozenset(s.value for s in TERMINAL_STATUSES)
 
@@ -109,3 +110,25 @@ class InProcessRateLimiter:
 class InProcessCache:
     async def ping(self) -> None:
         """Always reachable: it lives in this process."""
+
+
+class InProcessRequestCache:
+    """The most recently read finished requests, bounded."""
+
+    def __init__(self, size: int = 10_000) -> None:
+        self._size = size
+        self._items: OrderedDict[uuid.UUID, Request] = OrderedDict()
+
+    async def get(self, request_id: uuid.UUID) -> Request | None:
+        request = self._items.get(request_id)
+        if request is not None:
+            self._items.move_to_end(request_id)
+        return request
+
+    async def put(self, request: Request) -> None:
+        if not request.terminal:
+            return
+        self._items[request.id] = request
+        self._items.move_to_end(request.id)
+        while len(self._items) > self._size:
+            self._items.popitem(last=False)

@@ -34,7 +34,7 @@ from enginedge.application.context import Context
 from enginedge.application.events import status_event
 from enginedge.application.health import check_components, health
 from enginedge.application.ports import RequestQuery
-from enginedge.bootstrap import Service
+from enginedge.service import Service
 from enginedge.domain.errors import InvalidPayload, RequestNotFound, WorkerNotFound
 from enginedge.domain.model import RequestEvent, RequestStatus
 

@@ -1,0 +1,256 @@
+"""Redis adapters: the worker registry, request events, rate limits and the status cache,
+shared by every replica (SPEC §7).
+
+Keys (all under ``enginedge:``):
+- ``worker:<id>``: a worker's last heartbeat (JSON), expiring ``registry_ttl`` after it;
+  ``workers``: the set of their ids.
+- ``events:<requestId>``: a stream of the request's events; its entry ids are the SSE ids.
+- ``rl:<caller>:<window>``: a fixed-window counter.
+- ``request:<requestId>``: a finished request (finished requests never change).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime, timedelta
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+
+from enginedge.domain.model import (
+    TERMINAL_STATUSES,
+    Request,
+    RequestEvent,
+    RequestStatus,
+    Worker,
+    WorkerStatus,
+)
+
+PREFIX = "enginedge:"
+MAX_EVENTS_PER_REQUEST = 100_000
+_TERMINAL_NAMES = frozenset(s.value for s in TERMINAL_STATUSES)
+
+
+def connect(url: str, *, blocking: bool = False) -> aioredis.Redis:
+    """A client with short timeouts, so that a dead Redis fails fast instead of hanging.
+
+    ``blocking`` clients serve ``XREAD BLOCK`` and wait on the socket for as long as asked.
+    """
+    return aioredis.Redis.from_url(
+        url,
+        socket_connect_timeout=2,
+        socket_timeout=None if blocking else 2,
+        health_check_interval=30,
+        retry_on_timeout=False,
+    )
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    raise TypeError(type(value).__name__)
+
+
+def _dt(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None
+
+
+def worker_to_json(worker: Worker) -> bytes:
+    return orjson.dumps(dataclasses.asdict(worker), default=_default)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def worker_from_json(raw: bytes | str) -> Worker:
+    d = orjson.loads(raw)
+    return Worker(
+        id=d["id"],
+        type=d["type"],
+        endpoint=d["endpoint"],
+        capabilities=d["capabilities"],
+        capacity=d["capacity"],
+        active=d["active"],
+        status=WorkerStatus(d["status"]),
+        last_heartbeat=datetime.fromisoformat(d["last_heartbeat"]),
+        last_health_check=_dt(d.get("last_health_check")),
+        first_seen=_dt(d.get("first_seen")),
+        reason=d.get("reason"),
+        in_flight=d.get("in_flight") or [],
+    )
+
+
+def request_to_json(request: Request) -> bytes:
+    return orjson.dumps(dataclasses.asdict(request), default=_default)
+
+
+def request_from_json(raw: bytes | str) -> Request:
+    d = orjson.loads(raw)
+    for name in (
+        "created_at",
+        "updated_at",
+        "deadline",
+        "dispatched_at",
+        "started_at",
+        "finished_at",
+    ):
+        d[name] = _dt(d[name])
+    d["id"] = uuid.UUID(d["id"])
+    d["status"] = RequestStatus(d["status"])
+    return Request(**d)
+
+
+class RedisRegistry:
+    """A :class:`~enginedge.application.ports.WorkerRegistry` in Redis."""
+
+    def __init__(self, client: aioredis.Redis, ttl: timedelta) -> None:
+        self._r = client
+        self._ttl = max(int(ttl.total_seconds()), 1)
+
+    async def upsert(self, worker: Worker) -> None:
+        async with self._r.pipeline(transaction=True) as pipe:
+            pipe.set(f"{PREFIX}worker:{worker.id}", worker_to_json(worker), ex=self._ttl)
+            pipe.sadd(f"{PREFIX}workers", worker.id)
+            await pipe.execute()
+
+    async def get(self, worker_id: str) -> Worker | None:
+        raw = await self._r.get(f"{PREFIX}worker:{worker_id}")
+        return worker_from_json(raw) if raw else None
+
+    async def all(self) -> list[Worker]:
+        ids = sorted(_text(m) for m in await self._r.smembers(f"{PREFIX}workers"))
+        if not ids:
+            return []
+        values = await self._r.mget([f"{PREFIX}worker:{i}" for i in ids])
+        gone = [i for i, v in zip(ids, values, strict=True) if v is None]
+        if gone:  # expired long after their last heartbeat: forget them
+            await self._r.srem(f"{PREFIX}workers", *gone)
+        return [worker_from_json(v) for v in values if v is not None]
+
+
+class RedisEventStream:
+    """Request events in Redis streams: any replica appends, any replica's SSE client reads."""
+
+    def __init__(
+        self, client: aioredis.Redis, blocking: aioredis.Redis, retention_seconds: float
+    ) -> None:
+        self._r = client
+        self._blocking = blocking
+        self._retention = int(retention_seconds)
+
+    @staticmethod
+    def _key(request_id: uuid.UUID) -> str:
+        return f"{PREFIX}events:{request_id}"
+
+    @staticmethod
+    def _event(request_id: uuid.UUID, entry_id: bytes, fields: dict[bytes, bytes]) -> RequestEvent:
+        return RequestEvent(
+            request_id=request_id,
+            type=fields[b"type"].decode(),
+            data=orjson.loads(fields[b"data"]),
+            id=entry_id.decode(),
+        )
+
+    async def append(self, event: RequestEvent) -> RequestEvent:
+        key = self._key(event.request_id)
+        terminal = event.type == "status" and event.data.get("status") in _TERMINAL_NAMES
+        async with self._r.pipeline(transaction=True) as pipe:
+            pipe.xadd(
+                key,
+                {"type": event.type, "data": orjson.dumps(event.data)},
+                maxlen=MAX_EVENTS_PER_REQUEST,
+                approximate=True,
+            )
+            # A stream lives for a day while its request runs, ``retention`` once it ended.
+            pipe.expire(key, self._retention if terminal else max(self._retention, 86_400))
+            entry_id, _ = await pipe.execute()
+        return dataclasses.replace(event, id=_text(entry_id))
+
+    async def history(self, request_id: uuid.UUID, after: str | None) -> list[RequestEvent]:
+        start = f"({after}" if after else "-"
+        entries: Any
+        try:
+            entries = await self._r.xrange(self._key(request_id), min=start, max="+")
+        except aioredis.ResponseError:  # not a stream id: a client's stale or foreign id
+            entries = await self._r.xrange(self._key(request_id), min="-", max="+")
+        return [self._event(request_id, i, f) for i, f in entries]
+
+    @asynccontextmanager
+    async def follow(
+        self, request_id: uuid.UUID, after: str | None, idle_timeout: float
+    ) -> AsyncIterator[AsyncIterator[RequestEvent | None]]:
+        yield self._iterate(request_id, after or "0-0", idle_timeout)
+
+    async def _iterate(
+        self, request_id: uuid.UUID, last: str, idle_timeout: float
+    ) -> AsyncIterator[RequestEvent | None]:
+        key = self._key(request_id)
+        while True:
+            try:
+                reply: Any = await self._blocking.xread(
+                    {key: last}, count=500, block=int(idle_timeout * 1000)
+                )
+            except aioredis.ResponseError:
+                last = "0-0"
+                continue
+            if not reply:
+                yield None
+                continue
+            for _stream, entries in reply:
+                for entry_id, fields in entries:
+                    last = _text(entry_id)
+                    yield self._event(request_id, entry_id, fields)
+
+    async def forget(self, request_id: uuid.UUID) -> None:
+        await self._r.delete(self._key(request_id))
+
+
+class RedisRateLimiter:
+    """Fixed windows shared by every replica."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._r = client
+
+    async def hit(self, key: str, limit: int, window_seconds: int, now: datetime) -> int | None:
+        window = int(now.timestamp()) // window_seconds
+        counter = f"{PREFIX}rl:{key}:{window}"
+        async with self._r.pipeline(transaction=True) as pipe:
+            pipe.incr(counter)
+            pipe.expire(counter, window_seconds + 1)
+            count, _ = await pipe.execute()
+        if int(count) > limit:
+            return (window + 1) * window_seconds - int(now.timestamp())
+        return None
+
+
+class RedisRequestCache:
+    """Finished requests, which never change again, so the cache can never be stale."""
+
+    def __init__(self, client: aioredis.Redis, ttl_seconds: int = 3600) -> None:
+        self._r = client
+        self._ttl = ttl_seconds
+
+    async def get(self, request_id: uuid.UUID) -> Request | None:
+        raw = await self._r.get(f"{PREFIX}request:{request_id}")
+        return request_from_json(raw) if raw else None
+
+    async def put(self, request: Request) -> None:
+        if request.terminal:
+            await self._r.set(
+                f"{PREFIX}request:{request.id}", request_to_json(request), ex=self._ttl
+            )
+
+
+class RedisCache:
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._r = client
+
+    async def ping(self) -> None:
+        await self._r.ping()

@@ -1,0 +1,209 @@
+"""One orchestrator process at run time: its background loops around the use cases.
+
+Outbox relay, bus consumer, sweeper and any in-process workers. Every loop survives the
+failure of a backing service: it logs, backs off and tries again, so the process recovers by
+itself when the service returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+from enginedge.adapters.telemetry.metrics import PrometheusMetrics
+from enginedge.application.context import Context
+from enginedge.application.inbox import ORCHESTRATOR_TOPICS, handle_message, send_to_dlq
+from enginedge.application.maintenance import recover_in_flight, sweep
+from enginedge.application.outbox import relay_outbox
+from enginedge.application.ports import BusMessage, Subscription
+from enginedge.domain.errors import ServiceUnavailable
+from enginedge.domain.messages import ORCHESTRATOR_GROUP
+from enginedge.worker import WorkerApp, WorkerRuntime
+
+log = logging.getLogger(__name__)
+
+RELAY_POLL_SECONDS = 0.5
+CONSUMER_BATCH = 500
+# A message whose handling keeps raising (not a malformed one: those go to the DLQ at once,
+# nor a store outage: that is waited out) is retried this many times, then dead-lettered so
+# that it cannot block its partition.
+MAX_HANDLING_TRIES = 20
+
+Job = Callable[[], Awaitable[None]]
+
+
+def _error(exc: BaseException) -> dict[str, str]:
+    return {"error": f"{type(exc).__name__}: {exc}"[:500]}
+
+
+async def retry_until_done(what: str, job: Job, max_delay: float = 5.0) -> None:
+    """Run ``job`` until it succeeds, backing off between failures."""
+    failures = 0
+    while True:
+        try:
+            await job()
+            return
+        except Exception as exc:
+            failures += 1
+            log.warning(f"{what} failed; will retry", extra=_error(exc))
+            await asyncio.sleep(min(0.1 * 2**failures, max_delay))
+
+
+@dataclass
+class Service:
+    """The orchestrator's loops and in-process workers over a wired :class:`Context`."""
+
+    ctx: Context
+    metrics: PrometheusMetrics
+    prepare_store: Job
+    topics: Sequence[str]
+    sweep_interval: float
+    worker_apps: list[WorkerApp] = field(default_factory=list)
+    heartbeat_interval: float = 5.0
+    closers: list[Job] = field(default_factory=list)
+    workers: list[WorkerRuntime] = field(default_factory=list)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def start(self) -> None:
+        """Reach and migrate the store, then start every loop and in-process worker."""
+        self.ctx.wake_relay = self._wake.set
+        self.ctx.started_at = self.ctx.clock.now()
+        await self.prepare_store()
+        # Subscribe before anything is published, so that no heartbeat or result is missed.
+        subscription = await self.ctx.bus.subscribe(ORCHESTRATOR_TOPICS, ORCHESTRATOR_GROUP)
+        self._spawn("consumer", self._consume(subscription))
+        for app in self.worker_apps:
+            runtime = WorkerRuntime(app, self.ctx.bus, heartbeat_interval=self.heartbeat_interval)
+            await runtime.start()
+            self.workers.append(runtime)
+        await self._wait_for_registration()
+        self._spawn("dispatcher", self._recover_then_dispatch())
+        log.info(
+            "orchestrator started",
+            extra={
+                "bus": type(self.ctx.bus).__name__,
+                "builtinWorkers": [w.app.type for w in self.workers],
+            },
+        )
+
+    async def stop(self) -> None:
+        """Stop workers (draining them), publish what the outbox holds, commit, close."""
+        for runtime in self.workers:
+            await runtime.stop(drain=True)
+        with contextlib.suppress(Exception):
+            while await relay_outbox(self.ctx):
+                pass
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        await self.ctx.bus.close()
+        for close in self.closers:
+            with contextlib.suppress(Exception):
+                await close()
+
+    def _spawn(self, name: str, coro: Awaitable[None]) -> None:
+        self._tasks.append(asyncio.create_task(coro, name=name))  # type: ignore[arg-type]
+
+    async def _wait_for_registration(self, timeout: float = 5.0) -> None:
+        """Let the in-process workers' first heartbeats land, so that the service does not
+        answer NO_ELIGIBLE_WORKERS for its own built-in workers right after start-up."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        expected = {runtime.id for runtime in self.workers}
+        while expected and loop.time() < deadline:
+            with contextlib.suppress(Exception):
+                if expected <= {w.id for w in await self.ctx.registry.all()}:
+                    return
+            await asyncio.sleep(0.01)
+        if expected:
+            log.warning(
+                "built-in workers not registered yet; they will be once their "
+                "heartbeats are consumed"
+            )
+
+    async def _recover_then_dispatch(self) -> None:
+        """Create the topics and recover what the last process left in flight, then relay
+        and sweep. In the background and retried, so that a service whose broker or schema
+        is not there yet starts, answers /live, and becomes ready by itself."""
+        await retry_until_done("creating topics", lambda: self.ctx.bus.prepare(self.topics))
+
+        async def recover() -> None:
+            await recover_in_flight(self.ctx)
+
+        await retry_until_done("recovering in-flight requests", recover)
+        self._spawn("relay", self._relay())
+        self._spawn("sweeper", self._every(self.sweep_interval, self._sweep))
+
+    async def _relay(self) -> None:
+        failures = 0
+        while True:
+            try:
+                sent = await relay_outbox(self.ctx)
+                failures = 0
+            except Exception as exc:
+                failures += 1
+                log.warning("outbox relay failed; will retry", extra=_error(exc))
+                await asyncio.sleep(min(0.1 * 2**failures, 5.0))
+                continue
+            if sent == 0:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), RELAY_POLL_SECONDS)
+
+    async def _consume(self, subscription: Subscription) -> None:
+        while True:
+            try:
+                batch = await subscription.next_batch(CONSUMER_BATCH, RELAY_POLL_SECONDS)
+            except Exception as exc:
+                log.warning("cannot read from the bus; will retry", extra=_error(exc))
+                await asyncio.sleep(1.0)
+                continue
+            for message in batch:
+                await self._handle(message)
+            if batch:
+                try:
+                    await subscription.commit()
+                except Exception as exc:  # they will come again: recording is idempotent
+                    log.warning("offsets not committed", extra=_error(exc))
+
+    async def _handle(self, message: BusMessage) -> None:
+        attempt = 0
+        while attempt < MAX_HANDLING_TRIES:
+            try:
+                await handle_message(self.ctx, message)
+                return
+            except ServiceUnavailable as exc:
+                # The store is down: wait for it however long it takes; skipping the
+                # message would lose a result.
+                log.warning(
+                    "store unavailable while handling a message; will retry",
+                    extra={"topic": message.topic, "error": exc.message},
+                )
+                await asyncio.sleep(1.0)
+            except Exception as exc:
+                attempt += 1
+                log.warning(
+                    "message handling failed; will retry",
+                    extra={"topic": message.topic, "attempt": attempt, **_error(exc)},
+                )
+                await asyncio.sleep(min(0.1 * 2**attempt, 5.0))
+        await retry_until_done(
+            "dead-lettering a message",
+            lambda: send_to_dlq(self.ctx, message, f"handling failed {MAX_HANDLING_TRIES} times"),
+        )
+
+    async def _sweep(self) -> None:
+        await sweep(self.ctx)
+
+    async def _every(self, seconds: float, job: Job) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                await job()
+            except Exception as exc:
+                log.warning("periodic job failed; will retry", extra=_error(exc))
