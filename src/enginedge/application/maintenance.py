@@ -51,15 +51,42 @@ async def sweep(ctx: Context) -> SweepReport:
             "its worker no longer holds it and no result came",
             lambda tx: _unheld(ctx, tx, alive, now),
         )
-    await _redispatch(
-        ctx,
-        now,
-        report,
-        "unclaimed",
-        f"no worker started it within {ctx.policy.dispatch_timeout.total_seconds():g}s",
-        lambda tx: tx.lock_unclaimed(now - ctx.policy.dispatch_timeout, BATCH),
-    )
+    await _republish_unclaimed(ctx, alive, now, report)
     return report
+
+
+async def _republish_unclaimed(
+    ctx: Context, alive: list[Worker], now: datetime, report: SweepReport
+) -> None:
+    """Publish again dispatches that waited past the dispatch timeout while workers of
+    their type had free slots: then the message was lost (e.g. a broker that lost its log).
+
+    While the workers are all busy, a waiting dispatch is just queued, and sending it again
+    would only grow the queue; so at most as many are sent again as there are free slots.
+    Nothing is known against the request, so this is the same attempt, not a new one: it
+    uses up no attempt, and whichever copy a worker starts first wins.
+    """
+    free: dict[str, int] = {}
+    for worker in alive:
+        if worker.effective_status(now, ctx.policy.heartbeat_ttl) is WorkerStatus.HEALTHY:
+            free[worker.type] = free.get(worker.type, 0) + max(worker.capacity - worker.active, 0)
+    if not any(free.values()):
+        return
+    async with ctx.store.transaction() as tx:
+        republished = []
+        for request in await tx.lock_unclaimed(now - ctx.policy.dispatch_timeout, BATCH):
+            if free.get(request.worker_type, 0) <= 0:
+                continue
+            free[request.worker_type] -= 1
+            request.republish(now)
+            await tx.save_request(request)
+            await tx.enqueue([dispatch_message(request)])
+            republished.append(request)
+    for _ in republished:
+        ctx.metrics.redispatched("unclaimed")
+    report.redispatched += len(republished)
+    if republished:
+        ctx.wake_relay()
 
 
 async def recover_in_flight(ctx: Context) -> SweepReport:

@@ -99,6 +99,14 @@ class Request:
         self._move(RequestStatus.DISPATCHED, now)
         self.dispatched_at = now
 
+    def republish(self, now: datetime) -> None:
+        """The current attempt's dispatch went out again (the first copy was lost or still
+        waits); the request stays DISPATCHED, on the same attempt."""
+        if self.status is not RequestStatus.DISPATCHED:
+            raise IllegalTransition(self.status, RequestStatus.DISPATCHED)
+        self.dispatched_at = now
+        self.updated_at = now
+
     def mark_processing(self, worker_id: str, now: datetime) -> None:
         self._move(RequestStatus.PROCESSING, now)
         self.worker_id = worker_id

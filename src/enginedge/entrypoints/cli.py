@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+import uuid
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -129,6 +130,36 @@ def serve(
     server.run()
     if not server.started:
         _fail("the service did not start; see the log above", EXIT_USAGE)
+
+
+@app.command(
+    help="Run a built-in worker as its own process against Kafka (KAFKA_BROKERS). "
+    "SIGTERM drains it: running tasks finish, then it exits 0."
+)
+def worker(
+    worker_type: Annotated[str, typer.Option("--type", help="data-processing")],
+    capacity: Annotated[
+        int | None, typer.Option(min=1, help="Concurrent tasks (default BUILTIN_WORKER_CAPACITY)")
+    ] = None,
+    worker_id: Annotated[
+        str | None, typer.Option("--id", help="Worker id, a UUID (default: a new one)")
+    ] = None,
+) -> None:
+    from enginedge.adapters.telemetry.logging import configure_logging
+    from enginedge.entrypoints.worker_process import builtin_app, run_worker
+
+    settings = _settings()
+    configure_logging(settings.log_level)
+    if worker_id is not None:
+        try:
+            worker_id = str(uuid.UUID(worker_id))
+        except ValueError:
+            _fail("--id must be a UUID", EXIT_USAGE)
+    try:
+        app_ = builtin_app(worker_type, settings, capacity or settings.builtin_worker_capacity)
+        asyncio.run(run_worker(app_, settings, worker_id))
+    except ConfigError as exc:
+        _fail(str(exc), EXIT_USAGE)
 
 
 @app.command(help="Apply database migrations to DATABASE_URL (or the embedded SQLite file).")

@@ -74,7 +74,7 @@ class WorkerRuntime:
         self.drain_timeout = drain_timeout
         self._clock = clock
         self._running: dict[uuid.UUID, _Running] = {}
-        self._slots = asyncio.Semaphore(app.capacity)
+        self._slot_freed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self._status = "HEALTHY"
@@ -93,7 +93,10 @@ class WorkerRuntime:
         )
         # Control messages reach every worker: each one is its own group.
         self._control = await self.bus.subscribe([CONTROL_TOPIC], f"worker-control.{self.id}")
-        await self.heartbeat()
+        try:
+            await self.heartbeat()
+        except Exception:  # the heartbeat loop keeps trying; the bus may come up later
+            log.warning("first heartbeat not sent", exc_info=True, extra={"workerId": self.id})
         self._tasks = [
             asyncio.create_task(self._consume(), name=f"worker-{self.id}-consume"),
             asyncio.create_task(self._listen_control(), name=f"worker-{self.id}-control"),
@@ -132,33 +135,39 @@ class WorkerRuntime:
                 log.warning("heartbeat not sent", exc_info=True, extra={"workerId": self.id})
 
     async def _consume(self) -> None:
+        """Take at most as many dispatches as there are free slots; when full, take none
+        (they stay in the bus for the other workers) but stay in the consumer group."""
         assert self._requests is not None
         while not self._stopping.is_set():
-            await self._slots.acquire()
+            free = self.app.capacity - self.active
             try:
-                batch = await self._requests.next_batch(1, self.poll_timeout)
+                if free <= 0:
+                    await self._requests.next_batch(0, 0)
+                    self._slot_freed.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._slot_freed.wait(), self.poll_timeout)
+                    continue
+                batch = await self._requests.next_batch(free, self.poll_timeout)
             except Exception:
-                self._slots.release()
                 log.warning("cannot read dispatches; retrying", exc_info=True)
                 await asyncio.sleep(self.poll_timeout)
                 continue
-            if not batch:
-                self._slots.release()
-                continue
-            await self._start(batch[0])
-            await self._requests.commit()
+            for message in batch:
+                await self._start(message)
+            if batch:
+                try:
+                    await self._requests.commit()
+                except Exception:  # redelivered later: the orchestrator ignores duplicates
+                    log.warning("dispatch offsets not committed", exc_info=True)
 
     async def _start(self, message: BusMessage) -> None:
         try:
             dispatch = DispatchMessage.from_json(message.value)
         except MalformedMessage as exc:
-            self._slots.release()
             await self._dead_letter(message, str(exc))
             return
         if dispatch.request_id in self._running or dispatch.deadline <= self._clock():
-            # Already running here (a redelivery), or too late to matter.
-            self._slots.release()
-            return
+            return  # already running here (a redelivery), or too late to matter
         task = Task(
             request_id=dispatch.request_id,
             attempt=dispatch.attempt,
@@ -174,27 +183,33 @@ class WorkerRuntime:
     async def _run(self, task: Task, headers: Any) -> None:
         running = self._running[task.request_id]
         started = time.perf_counter()
+
+        async def report(chunk: Any) -> None:
+            running.seq += 1
+            await self._progress(task, running.seq, headers, chunk)
+
+        task._report = report
         try:
-            await self._report(task, "progress", 0, headers)
-
-            async def report(chunk: Any) -> None:
-                running.seq += 1
-                await self._report(task, "progress", running.seq, headers, chunk=chunk)
-
-            task._report = report
-            spec = self.app.handlers.get(task.task_type)
-            remaining = (task.deadline - self._clock()).total_seconds()
-            if spec is None:
-                raise TaskFailed(
-                    f"worker type {self.app.type} cannot handle task type {task.task_type}"
+            await self._progress(task, 0, headers, None)  # "started"
+            try:
+                result = await self._call(task)
+            except asyncio.CancelledError:
+                _interrupt(task)
+                if not running.cancelled:
+                    raise  # the runtime is being killed: report nothing, as a crash would
+                return  # cancelled by the orchestrator, which has already recorded it
+            except TimeoutError:
+                _interrupt(task)  # past the deadline the orchestrator has timed it out
+                return
+            except Exception as exc:
+                error = str(exc) if isinstance(exc, TaskFailed) else f"{type(exc).__name__}: {exc}"
+                await self._outcome(
+                    task, running.seq + 1, headers, error=error, processing_time=_ms(started)
                 )
-            call = asyncio.to_thread(spec.handler, task) if spec.blocking else spec.handler(task)
-            result: JSON = await asyncio.wait_for(call, max(remaining, 0.001))  # type: ignore[arg-type]
-            if not isinstance(result, dict):
-                raise TaskFailed(f"the handler returned {type(result).__name__}, not an object")
+                return
             elapsed = _ms(started)
-            await self._report(
-                task, "completed", running.seq + 1, headers, result=result, processing_time=elapsed
+            await self._outcome(
+                task, running.seq + 1, headers, result=result, processing_time=elapsed
             )
             log.info(
                 "request processed",
@@ -204,55 +219,77 @@ class WorkerRuntime:
                     "processingTime": elapsed,
                 },
             )
-        except asyncio.CancelledError:
-            _interrupt(task)
-            if not running.cancelled:
-                raise  # the runtime is being killed: report nothing, as a crash would
-        except TimeoutError:
-            _interrupt(task)  # past the deadline the orchestrator has already timed it out
-        except Exception as exc:
-            error = str(exc) if isinstance(exc, TaskFailed) else f"{type(exc).__name__}: {exc}"
-            try:
-                await self._report(
-                    task,
-                    "failed",
-                    running.seq + 1,
-                    headers,
-                    error=error,
-                    processing_time=_ms(started),
-                )
-            except Exception:
-                log.warning("failure not reported", exc_info=True)
         finally:
             self._running.pop(task.request_id, None)
-            self._slots.release()
+            self._slot_freed.set()
 
-    async def _report(
-        self,
-        task: Task,
-        kind: str,
-        seq: int,
-        headers: Any,
-        *,
-        result: JSON | None = None,
-        chunk: Any = None,
-        error: str | None = None,
-        processing_time: int | None = None,
-    ) -> None:
+    async def _call(self, task: Task) -> JSON:
+        spec = self.app.handlers.get(task.task_type)
+        if spec is None:
+            raise TaskFailed(
+                f"worker type {self.app.type} cannot handle task type {task.task_type}"
+            )
+        remaining = max((task.deadline - self._clock()).total_seconds(), 0.001)
+        call = asyncio.to_thread(spec.handler, task) if spec.blocking else spec.handler(task)
+        result = await asyncio.wait_for(call, remaining)  # type: ignore[arg-type]
+        if not isinstance(result, dict):
+            raise TaskFailed(f"the handler returned {type(result).__name__}, not an object")
+        return result
+
+    def _result(self, task: Task, kind: str, seq: int, headers: Any, **fields: Any) -> BusMessage:
         message = ResultMessage(
             request_id=task.request_id,
             attempt=task.attempt,
             worker_id=self.id,
             kind=kind,  # type: ignore[arg-type]
             seq=seq,
+            **fields,
+        )
+        return BusMessage(RESULTS_TOPIC, str(task.request_id), message.to_json(), dict(headers))
+
+    async def _progress(self, task: Task, seq: int, headers: Any, chunk: Any) -> None:
+        """Partial results are best effort: a lost one never fails the task."""
+        try:
+            await self.bus.publish([self._result(task, "progress", seq, headers, chunk=chunk)])
+        except Exception:
+            log.warning("progress not sent", extra={"requestId": str(task.request_id)})
+
+    async def _outcome(
+        self,
+        task: Task,
+        seq: int,
+        headers: Any,
+        *,
+        result: JSON | None = None,
+        error: str | None = None,
+        processing_time: int,
+    ) -> None:
+        """Publish the outcome, retrying while the bus is down, until the request's deadline
+        (after it the orchestrator has timed the request out and would ignore it)."""
+        kind = "completed" if error is None else "failed"
+        message = self._result(
+            task,
+            kind,
+            seq,
+            headers,
             result=result,
-            chunk=chunk,
             error=error,
             processing_time_ms=processing_time,
         )
-        await self.bus.publish(
-            [BusMessage(RESULTS_TOPIC, str(task.request_id), message.to_json(), dict(headers))]
-        )
+        delay = 0.1
+        while True:
+            try:
+                await self.bus.publish([message])
+                return
+            except Exception as exc:
+                if self._clock() >= task.deadline:
+                    log.warning(
+                        "outcome not delivered before the deadline",
+                        extra={"requestId": str(task.request_id), "error": str(exc)},
+                    )
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     async def _listen_control(self) -> None:
         assert self._control is not None

@@ -3,6 +3,12 @@
 Producers and consumers connect lazily and reconnect by themselves, so that a service whose
 broker is down starts, reports not-ready, and catches up when the broker returns. Offsets are
 committed only when the caller says its batch is processed (at-least-once).
+
+After an outage every consumer is replaced by a fresh one. A consumer that lived through a
+broker restart keeps in-memory fetch positions and group state that the broker may have lost
+(a broker keeping its log in memory, a recreated topic) and can wait past the end of the new
+log forever; a fresh consumer starts from the committed offsets, or the beginning. The cost
+is some redelivery, which the orchestrator and the workers treat as duplicates.
 """
 
 from __future__ import annotations
@@ -14,13 +20,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from enginedge.application.ports import BusMessage
+from enginedge.domain.errors import ServiceUnavailable
 
 log = logging.getLogger(__name__)
+
+WATCH_INTERVAL = 1.0
+WATCH_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,65 +61,81 @@ def _headers(message: BusMessage) -> list[tuple[str, bytes]]:
 
 
 class KafkaSubscription:
-    """One consumer in a consumer group; started on first use, restarted after a failure."""
+    """One consumer in a consumer group; started on first use, replaced after an outage."""
 
-    def __init__(self, settings: KafkaSettings, topics: Sequence[str], group: str) -> None:
-        self._settings = settings
+    def __init__(self, bus: KafkaBus, topics: Sequence[str], group: str) -> None:
+        self._bus = bus
         self._topics = list(topics)
         self._group = group
         self._consumer: AIOKafkaConsumer | None = None
+        self._epoch = bus.epoch
         self._paused = False
 
     async def _ensure(self) -> AIOKafkaConsumer:
+        if self._consumer is not None and self._epoch != self._bus.epoch:
+            log.info(
+                "replacing the consumer after a broker outage",
+                extra={"group": self._group, "topics": self._topics},
+            )
+            await self.close()
         if self._consumer is None:
+            self._epoch = self._bus.epoch
             consumer = AIOKafkaConsumer(
                 *self._topics,
                 group_id=self._group,
                 enable_auto_commit=False,
                 auto_offset_reset="earliest",
-                fetch_max_wait_ms=self._settings.fetch_max_wait_ms,
+                fetch_max_wait_ms=self._bus.settings.fetch_max_wait_ms,
                 metadata_max_age_ms=5000,
                 # Workers pause their partitions while full but keep polling, so a long task
                 # never looks like a dead consumer.
                 max_poll_interval_ms=300_000,
-                **self._settings.common(),
+                **self._bus.settings.common(),
             )
-            await consumer.start()
+            try:
+                await consumer.start()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await consumer.stop()
+                raise
             self._consumer = consumer
+            self._paused = False
         return self._consumer
 
     async def next_batch(self, max_messages: int, timeout: float) -> list[BusMessage]:
         consumer = await self._ensure()
         if max_messages <= 0:
-            await self._pause(consumer)
+            assigned = consumer.assignment()
+            if assigned:
+                consumer.pause(*assigned)
+                self._paused = True
             await consumer.getmany(timeout_ms=int(timeout * 1000))
             return []
         if self._paused:
             consumer.resume(*consumer.assignment())
             self._paused = False
         records = await consumer.getmany(timeout_ms=int(timeout * 1000), max_records=max_messages)
-        batch = []
-        for messages in records.values():
-            for m in messages:
-                batch.append(
-                    BusMessage(
-                        topic=m.topic,
-                        key=m.key.decode(errors="replace") if m.key else "",
-                        value=m.value or b"",
-                        headers={k: v.decode(errors="replace") for k, v in (m.headers or ())},
-                    )
-                )
-        return batch
-
-    async def _pause(self, consumer: AIOKafkaConsumer) -> None:
-        assigned: set[TopicPartition] = consumer.assignment()
-        if assigned:
-            consumer.pause(*assigned)
-            self._paused = True
+        return [
+            BusMessage(
+                topic=m.topic,
+                key=m.key.decode(errors="replace") if m.key else "",
+                value=m.value or b"",
+                headers={k: v.decode(errors="replace") for k, v in (m.headers or ())},
+            )
+            for messages in records.values()
+            for m in messages
+        ]
 
     async def commit(self) -> None:
-        if self._consumer is not None:
+        if self._consumer is None:
+            return
+        try:
             await self._consumer.commit()
+        except KafkaError:
+            # The group moved on without this member (a rebalance, a broker that forgot the
+            # group): start afresh; the uncommitted messages come again.
+            await self.close()
+            raise
 
     async def close(self) -> None:
         if self._consumer is not None:
@@ -125,10 +151,25 @@ class KafkaBus:
 
     def __init__(self, settings: KafkaSettings) -> None:
         self.settings = settings
+        # Incremented each time the broker answers again after failing: consumers created
+        # before are replaced (see the module's docstring).
+        self.epoch = 0
+        self._failing = False
         self._producer: AIOKafkaProducer | None = None
         self._lock = asyncio.Lock()
         self._subscriptions: list[KafkaSubscription] = []
         self._known_topics: set[str] = set()
+        self._watcher: asyncio.Task[None] | None = None
+
+    def _failed(self) -> None:
+        self._failing = True
+        self._known_topics.clear()
+
+    def _answered(self) -> None:
+        if self._failing:
+            self._failing = False
+            self.epoch += 1
+            log.info("Kafka answers again", extra={"epoch": self.epoch})
 
     async def _ensure_producer(self) -> AIOKafkaProducer:
         async with self._lock:
@@ -142,11 +183,23 @@ class KafkaBus:
                 try:
                     await producer.start()
                 except BaseException:
+                    self._failed()
                     with contextlib.suppress(Exception):
                         await producer.stop()
                     raise
                 self._producer = producer
+            if self._watcher is None:
+                self._watcher = asyncio.create_task(self._watch(), name="kafka-watch")
             return self._producer
+
+    async def _watch(self) -> None:
+        """Notice outages even while nothing is published (an idle orchestrator)."""
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            try:
+                await asyncio.wait_for(self.ping(), WATCH_TIMEOUT)
+            except Exception:
+                self._failed()
 
     async def prepare(self, topics: Sequence[str]) -> None:
         """Create missing topics with the configured partition count (racing replicas are
@@ -169,26 +222,42 @@ class KafkaBus:
     async def publish(self, messages: Sequence[BusMessage]) -> None:
         producer = await self._ensure_producer()
         try:
+            # Topics are checked once, and again after any failure: a broker that lost them
+            # gets them back with their configured partitions, not auto-created ones.
+            await self.prepare(sorted({m.topic for m in messages}))
             futures = [
                 await producer.send(m.topic, value=m.value, key=m.key.encode(), headers=_headers(m))
                 for m in messages
             ]
             await asyncio.gather(*futures)
-        except KafkaError as exc:
-            raise ConnectionError(f"Kafka did not take the messages: {exc}") from exc
+        except (KafkaError, OSError) as exc:
+            self._failed()
+            raise ServiceUnavailable(f"message bus unavailable: {exc}") from exc
+        self._answered()
 
     async def subscribe(self, topics: Sequence[str], group: str) -> KafkaSubscription:
-        subscription = KafkaSubscription(self.settings, topics, group)
+        subscription = KafkaSubscription(self, topics, group)
         self._subscriptions.append(subscription)
         return subscription
 
     async def ping(self) -> None:
         producer = await self._ensure_producer()
-        metadata = await producer.client.fetch_all_metadata()
+        try:
+            metadata = await producer.client.fetch_all_metadata()
+        except (KafkaError, OSError) as exc:
+            self._failed()
+            raise ServiceUnavailable(f"message bus unavailable: {exc}") from exc
         if not metadata.brokers():
-            raise ConnectionError("no Kafka broker answers")
+            self._failed()
+            raise ServiceUnavailable("message bus unavailable: no broker answers")
+        self._answered()
 
     async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(BaseException):
+                await self._watcher
+            self._watcher = None
         for subscription in self._subscriptions:
             await subscription.close()
         if self._producer is not None:

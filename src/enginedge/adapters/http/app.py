@@ -34,9 +34,9 @@ from enginedge.application.context import Context
 from enginedge.application.events import status_event
 from enginedge.application.health import check_components, health
 from enginedge.application.ports import RequestQuery
-from enginedge.service import Service
 from enginedge.domain.errors import InvalidPayload, RequestNotFound, WorkerNotFound
 from enginedge.domain.model import RequestEvent, RequestStatus
+from enginedge.service import Service
 
 SSE_IDLE_SECONDS = 15.0
 

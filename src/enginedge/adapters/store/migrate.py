@@ -7,7 +7,7 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
-from sqlalchemy import Column, MetaData, String, Table
+from sqlalchemy import Column, MetaData, String, Table, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -37,7 +37,13 @@ def _upgrade(connection: Connection, revision: str) -> None:
     command.upgrade(config, revision)
 
 
+# Replicas starting together migrate one at a time (PostgreSQL runs DDL in the transaction).
+MIGRATION_LOCK = 0x656E6765  # "enge"
+
+
 async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
     """Apply every migration up to ``revision``; a no-op when the schema is current."""
     async with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
         await conn.run_sync(_upgrade, revision)

@@ -1,0 +1,82 @@
+"""``enginedge worker``: a built-in worker as its own process, against Kafka."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+
+from enginedge.adapters.bus.kafka import KafkaBus
+from enginedge.bootstrap import kafka_settings
+from enginedge.config import ConfigError, Settings
+from enginedge.domain.messages import (
+    CONTROL_TOPIC,
+    HEARTBEATS_TOPIC,
+    RESULTS_TOPIC,
+    dlq_topic,
+    requests_topic,
+)
+from enginedge.worker import WorkerApp, WorkerRuntime
+from enginedge.worker.builtin.data_processing import data_processing_worker
+
+log = logging.getLogger(__name__)
+
+BUILTIN_TYPES = ("data-processing",)
+
+
+def builtin_app(worker_type: str, settings: Settings, capacity: int) -> WorkerApp:
+    if worker_type == "data-processing":
+        return data_processing_worker(settings.data_root, capacity)
+    raise ConfigError(
+        f"unknown worker type {worker_type!r}; built-in types: {', '.join(BUILTIN_TYPES)}"
+    )
+
+
+async def run_worker(app: WorkerApp, settings: Settings, worker_id: str | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then drain: finish what is running (up to the drain
+    timeout), hand the rest back, and return."""
+    if not settings.kafka_brokers:
+        raise ConfigError(
+            "enginedge worker needs KAFKA_BROKERS; in embedded mode the built-in workers run "
+            "inside `enginedge serve`"
+        )
+    bus = KafkaBus(kafka_settings(settings))
+    topics = [requests_topic(app.type), RESULTS_TOPIC, HEARTBEATS_TOPIC, CONTROL_TOPIC]
+    runtime = WorkerRuntime(
+        app,
+        bus,
+        worker_id=worker_id,
+        endpoint=f"kafka://{socket.gethostname()}/{os.getpid()}",
+        heartbeat_interval=settings.worker_heartbeat_interval,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await _prepare(bus, [*topics, *map(dlq_topic, topics)], stop)
+        if stop.is_set():
+            return
+        await runtime.start()
+        await stop.wait()
+        log.info("draining", extra={"workerId": runtime.id, "active": runtime.active})
+        await runtime.stop(drain=True)
+    finally:
+        await bus.close()
+
+
+async def _prepare(bus: KafkaBus, topics: list[str], stop: asyncio.Event) -> None:
+    """Create the topics, waiting for the broker as long as it takes (or until stopped)."""
+    delay = 0.5
+    while not stop.is_set():
+        try:
+            await bus.prepare(topics)
+            return
+        except Exception as exc:
+            log.warning("Kafka not reachable; will retry", extra={"error": str(exc)})
+            try:
+                await asyncio.wait_for(stop.wait(), delay)
+            except TimeoutError:
+                delay = min(delay * 2, 5.0)

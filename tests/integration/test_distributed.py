@@ -1,0 +1,332 @@
+"""Distributed mode end to end: orchestrator replicas and worker processes, each started
+through the `enginedge` command, sharing a real PostgreSQL, Kafka-protocol broker and Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import orjson
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from tests.support.servers import (
+    Restartable,
+    free_port,
+    kafka_broker,
+    redis_server,
+    stop_process,
+)
+
+KEY = "distributed-key-0123456789"
+H = {"X-API-Key": KEY}
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}
+
+
+@dataclass
+class Cluster:
+    tmp: Path
+    database_url: str
+    broker: Restartable
+    redis: Restartable
+    replicas: list[tuple[subprocess.Popen[bytes], str]] = field(default_factory=list)
+    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def brokers(self) -> str:
+        return f"127.0.0.1:{self.broker.port}"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            DATABASE_URL=self.database_url,
+            KAFKA_BROKERS=self.brokers,
+            REDIS_URL=f"redis://127.0.0.1:{self.redis.port}/0",
+            API_KEYS=KEY,
+            ENGINEDGE_DATA_DIR=str(self.tmp),
+            HOST="127.0.0.1",
+            LOG_LEVEL="info",
+            WORKER_HEARTBEAT_INTERVAL="0.5",
+            WORKER_HEARTBEAT_TTL="20",
+            SWEEP_INTERVAL="0.5",
+            DISPATCH_TIMEOUT="6",
+            RETRY_BACKOFF="0.2",
+            MAX_ATTEMPTS="5",
+            **self.extra_env,
+            **extra,
+        )
+        return env
+
+    def _spawn(self, args: list[str], name: str, **env: str) -> subprocess.Popen[bytes]:
+        with open(self.tmp / f"{name}.log", "ab") as log:
+            return subprocess.Popen(
+                [sys.executable, "-m", "enginedge", *args],
+                env=self.env(**env),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    def start_replica(self) -> str:
+        port = free_port()
+        process = self._spawn(["serve"], f"replica-{port}", PORT=str(port))
+        url = f"http://127.0.0.1:{port}"
+        self.replicas.append((process, url))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert process.poll() is None, (self.tmp / f"replica-{port}.log").read_text()
+            try:
+                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                    return url
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError("replica never ready")
+
+    def start_worker(self, capacity: int = 4) -> None:
+        n = len(self.workers)
+        self.workers.append(
+            self._spawn(
+                ["worker", "--type", "data-processing", "--capacity", str(capacity)], f"worker-{n}"
+            )
+        )
+
+    def wait_for_workers(self, url: str, count: int) -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            items = httpx.get(f"{url}/api/workers", headers=H).json()["items"]
+            if sum(w["status"] == "HEALTHY" for w in items) >= count:
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"fewer than {count} healthy workers: {items}")
+
+    def stop_all(self) -> list[int]:
+        codes = [stop_process(p) for p in self.workers]
+        codes += [stop_process(p) for p, _ in self.replicas]
+        return codes
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, pg_url: str) -> Iterator[Cluster]:
+    if os.environ.get("TEST_KAFKA_BROKERS") or os.environ.get("TEST_REDIS_URL"):
+        pytest.skip("this test stops and restarts its broker, so it needs the one it starts")
+    with kafka_broker() as broker, redis_server() as redis:
+        c = Cluster(tmp_path, pg_url, broker, redis)
+        try:
+            yield c
+        finally:
+            c.stop_all()
+
+
+def sql_payload(i: int) -> dict[str, Any]:
+    return {"sql": "SELECT sum(x) AS s FROM t", "tables": {"t": [{"x": i}, {"x": 1000}]}}
+
+
+async def db_counts(url: str) -> dict[str, int]:
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch("SELECT status, count(*) AS n FROM requests GROUP BY status")
+        return {r["status"]: r["n"] for r in rows}
+    finally:
+        await conn.close()
+
+
+async def produce(brokers: str, topic: str, value: bytes) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=brokers)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, value, key=b"bad")
+    finally:
+        await producer.stop()
+
+
+async def read_topic(brokers: str, topic: str, timeout: float = 20) -> list[dict[str, Any]]:
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=brokers,
+        group_id=f"t-{uuid.uuid4()}",
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=50,
+    )
+    await consumer.start()
+    try:
+        found: list[dict[str, Any]] = []
+        deadline = time.monotonic() + timeout
+        while not found and time.monotonic() < deadline:
+            records = await consumer.getmany(timeout_ms=500)
+            for messages in records.values():
+                found += [orjson.loads(m.value) for m in messages]
+        return found
+    finally:
+        await consumer.stop()
+
+
+async def sse_terminal(client: httpx.AsyncClient, url: str, rid: str) -> dict[str, Any]:
+    async with client.stream(
+        "GET", f"{url}/api/requests/{rid}/events", headers=H, timeout=60
+    ) as response:
+        async for line in response.aiter_lines():
+            if line.startswith("data:"):
+                data: dict[str, Any] = orjson.loads(line[5:])
+                if data.get("status") in TERMINAL:
+                    return data
+    raise AssertionError("stream ended without a terminal event")
+
+
+def metric(text: str, series: str) -> float:
+    """The value of ``series`` (name with labels), or the sum over all labels of a name."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(series + " ") or ("{" not in series and line.startswith(series + "{")):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(timeout=30) as client:
+        yield client
+
+
+async def test_two_replicas_two_workers_a_thousand_requests(
+    cluster: Cluster, http: httpx.AsyncClient
+) -> None:
+    a = cluster.start_replica()
+    b = cluster.start_replica()
+    cluster.start_worker()
+    cluster.start_worker()
+    cluster.wait_for_workers(a, 2)
+
+    ids: dict[str, int] = {}
+    semaphore = asyncio.Semaphore(32)
+
+    async def submit(i: int) -> None:
+        async with semaphore:
+            url = a if i % 2 == 0 else b
+            response = await http.post(
+                f"{url}/api/orchestrate",
+                headers=H,
+                json={"taskType": "data.sql", "payload": sql_payload(i)},
+            )
+            assert response.status_code == 202, response.text
+            ids[response.json()["requestId"]] = i
+
+    await asyncio.gather(*(submit(i) for i in range(400)))
+
+    # The broker goes away mid-run, taking every message it held (memory only), and returns.
+    outage = asyncio.ensure_future(asyncio.gather(*(submit(i) for i in range(400, 700))))
+    await asyncio.sleep(0.5)
+    await asyncio.to_thread(cluster.broker.stop, signal.SIGKILL)
+    await asyncio.sleep(3)
+    await asyncio.to_thread(cluster.broker.start)
+    await outage
+    # A malformed message on the results topic goes to its DLQ; nothing else notices.
+    await produce(cluster.brokers, "worker.results", b"{not json")
+    await produce(
+        cluster.brokers,
+        "worker.results",
+        orjson.dumps(
+            {
+                "requestId": str(uuid.uuid4()),
+                "attempt": 1,
+                "workerId": str(uuid.uuid4()),
+                "kind": "completed",
+                "seq": 1,
+                "result": {},
+            }
+        ),
+    )
+
+    await asyncio.gather(*(submit(i) for i in range(700, 1000)))
+    assert len(ids) == 1000
+
+    deadline = time.monotonic() + 150
+    while time.monotonic() < deadline:
+        counts = await db_counts(cluster.database_url)
+        if counts.get("COMPLETED", 0) == 1000:
+            break
+        assert not set(counts) & {"FAILED", "TIMEOUT", "CANCELLED"}, counts
+        await asyncio.sleep(0.5)
+    assert counts == {"COMPLETED": 1000}, counts
+
+    conn = await asyncpg.connect(cluster.database_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT r.id, count(rr.id) AS results, min(rr.result::text) AS result "
+            "FROM requests r LEFT JOIN request_results rr ON rr.request_id = r.id GROUP BY r.id"
+        )
+    finally:
+        await conn.close()
+    assert len(rows) == 1000
+    for row in rows:
+        assert row["results"] == 1, row  # exactly one recorded outcome per request
+        expected = ids[str(row["id"])] + 1000
+        assert orjson.loads(row["result"]) == {"columns": ["s"], "rows": [[expected]]}
+
+    dead = await read_topic(cluster.brokers, "worker.results.dlq")
+    reasons = " ".join(d["error"] for d in dead)
+    assert "not JSON" in reasons, dead
+    assert "unknown request" in reasons, dead
+    metrics = [(await http.get(f"{u}/metrics")).text for u in (a, b)]
+    assert sum(metric(m, "enginedge_dlq_messages_total") for m in metrics) >= 1
+
+    # SIGTERM: every process drains and exits 0.
+    assert cluster.stop_all() == [0, 0, 0, 0]
+
+
+async def test_events_cross_replicas_and_limits_are_shared(
+    cluster: Cluster, http: httpx.AsyncClient
+) -> None:
+    cluster.extra_env.update(RATE_LIMIT_REQUESTS="500", RATE_LIMIT_WINDOW="3600")
+    a = cluster.start_replica()
+    b = cluster.start_replica()
+    cluster.start_worker()
+    cluster.wait_for_workers(a, 1)
+
+    # An SSE client on A sees the outcome of requests whose results B recorded.
+    recorded_by_b = 0
+    for i in range(20):
+        before = metric(
+            (await http.get(f"{b}/metrics")).text, 'enginedge_requests_total{status="success"}'
+        )
+        response = await http.post(
+            f"{a}/api/orchestrate",
+            headers=H,
+            json={"taskType": "data.sql", "payload": sql_payload(i)},
+        )
+        rid = response.json()["requestId"]
+        event = await asyncio.wait_for(sse_terminal(http, a, rid), 30)
+        assert event["status"] == "COMPLETED"
+        assert event["result"] == {"columns": ["s"], "rows": [[i + 1000]]}
+        after = metric(
+            (await http.get(f"{b}/metrics")).text, 'enginedge_requests_total{status="success"}'
+        )
+        recorded_by_b += int(after > before)
+        if recorded_by_b >= 2:
+            break
+    assert recorded_by_b >= 2
+
+    # One key's limit holds across both replicas (Redis counts for all of them).
+    used = 0
+    codes = []
+    for i in range(600):
+        url = a if i % 2 == 0 else b
+        response = await http.get(f"{url}/api/requests?limit=1", headers=H)
+        codes.append(response.status_code)
+        if response.status_code == 429:
+            break
+        used += 1
+    assert codes[-1] == 429
+    assert used < 500  # the window also counted the calls above, from both replicas
+    assert all(c == 200 for c in codes[:-1])
