@@ -67,6 +67,8 @@ class Service:
     workers: list[WorkerRuntime] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    _consumer: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Reach and migrate the store, then start every loop and in-process worker."""
@@ -75,7 +77,7 @@ class Service:
         await self.prepare_store()
         # Subscribe before anything is published, so that no heartbeat or result is missed.
         subscription = await self.ctx.bus.subscribe(ORCHESTRATOR_TOPICS, ORCHESTRATOR_GROUP)
-        self._spawn("consumer", self._consume(subscription))
+        self._consumer = asyncio.create_task(self._consume(subscription), name="consumer")
         for app in self.worker_apps:
             runtime = WorkerRuntime(app, self.ctx.bus, heartbeat_interval=self.heartbeat_interval)
             await runtime.start()
@@ -90,10 +92,18 @@ class Service:
             },
         )
 
-    async def stop(self) -> None:
-        """Stop workers (draining them), publish what the outbox holds, commit, close."""
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop workers (draining them), let the consumer finish and commit its batch,
+        publish what the outbox holds, then close."""
         for runtime in self.workers:
             await runtime.stop(drain=True)
+        self._stopping.set()
+        if self._consumer is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._consumer), grace)
+            except (TimeoutError, Exception):
+                self._consumer.cancel()
+                await asyncio.gather(self._consumer, return_exceptions=True)
         with contextlib.suppress(Exception):
             while await relay_outbox(self.ctx):
                 pass
@@ -156,7 +166,7 @@ class Service:
                     await asyncio.wait_for(self._wake.wait(), RELAY_POLL_SECONDS)
 
     async def _consume(self, subscription: Subscription) -> None:
-        while True:
+        while not self._stopping.is_set():
             try:
                 batch = await subscription.next_batch(CONSUMER_BATCH, RELAY_POLL_SECONDS)
             except Exception as exc:

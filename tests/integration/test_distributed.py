@@ -20,6 +20,7 @@ import httpx
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.errors import KafkaError
 
 from tests.support.servers import (
     Restartable,
@@ -143,10 +144,17 @@ async def db_counts(url: str) -> dict[str, int]:
 
 
 async def produce(brokers: str, topic: str, value: bytes) -> None:
+    """Put a raw message on a topic, retrying while a just-restarted broker settles."""
     producer = AIOKafkaProducer(bootstrap_servers=brokers)
     await producer.start()
     try:
-        await producer.send_and_wait(topic, value, key=b"bad")
+        for _ in range(50):
+            try:
+                await producer.send_and_wait(topic, value, key=b"bad")
+                return
+            except KafkaError:
+                await asyncio.sleep(0.2)
+        raise AssertionError(f"could not produce to {topic}")
     finally:
         await producer.stop()
 
@@ -330,3 +338,50 @@ async def test_events_cross_replicas_and_limits_are_shared(
     assert codes[-1] == 429
     assert used < 500  # the window also counted the calls above, from both replicas
     assert all(c == 200 for c in codes[:-1])
+
+
+async def test_redis_outage_degrades_and_loses_nothing(
+    cluster: Cluster, http: httpx.AsyncClient
+) -> None:
+    a = cluster.start_replica()
+    cluster.start_worker()
+    cluster.wait_for_workers(a, 1)
+
+    async def run(i: int) -> str:
+        response = await http.post(
+            f"{a}/api/orchestrate",
+            headers=H,
+            json={"taskType": "data.sql", "payload": sql_payload(i)},
+        )
+        if response.status_code != 202:
+            conn = await asyncpg.connect(cluster.database_url)
+            rows = await conn.fetch(
+                "SELECT id, status, last_heartbeat, capabilities, now() FROM workers"
+            )
+            await conn.close()
+            raise AssertionError(f"{i} {response.text} {rows}")
+        return str(response.json()["requestId"])
+
+    before = [await run(i) for i in range(5)]
+    await asyncio.to_thread(cluster.redis.stop, signal.SIGKILL)
+    ready = await http.get(f"{a}/ready")
+    assert ready.status_code == 503
+    assert ready.json()["components"]["cache"]["status"] == "down"
+    assert (await http.get(f"{a}/live")).status_code == 200
+    conn = await asyncpg.connect(cluster.database_url)
+    print("DEBUG", await conn.fetch("SELECT id, status, last_heartbeat, now() FROM workers"))
+    await conn.close()
+    during = [await run(i) for i in range(5, 15)]  # still accepted: the store stands in
+    await asyncio.to_thread(cluster.redis.start)
+    after = [await run(i) for i in range(15, 20)]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        counts = await db_counts(cluster.database_url)
+        if counts.get("COMPLETED") == 20:
+            break
+        await asyncio.sleep(0.3)
+    assert counts == {"COMPLETED": 20}, counts
+    for rid in before + during + after:
+        body = (await http.get(f"{a}/api/requests/{rid}", headers=H)).json()
+        assert body["status"] == "COMPLETED"
+    assert (await http.get(f"{a}/ready")).status_code == 200

@@ -59,6 +59,8 @@ class Context:
     started_at: datetime | None = None
     # Moving average of processing time per task type, for the estimate given at submit.
     durations: dict[str, float] = field(default_factory=dict)
+    # When this replica last wrote each worker's heartbeat to the store.
+    worker_persisted_at: dict[str, datetime] = field(default_factory=dict)
     # Running requests whose worker, though alive, stopped listing them, since when.
     unheld_since: dict[uuid.UUID, datetime] = field(default_factory=dict)
 

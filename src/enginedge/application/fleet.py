@@ -80,7 +80,9 @@ def _ignored(ctx: Context, request: Request, msg: ResultMessage) -> bool:
 
 
 async def record_heartbeat(ctx: Context, msg: HeartbeatMessage) -> Worker:
-    """Refresh the registry; persist the worker when it is new or its status changed."""
+    """Refresh the registry; persist the worker when it is new, when what the table shows
+    changed, and every third of the heartbeat TTL, so that the ``workers`` table can stand in
+    for the registry (``last_heartbeat`` within the TTL) if the cache goes away."""
     now = ctx.clock.now()
     previous = await ctx.registry.get(msg.worker_id)
     worker = Worker(
@@ -98,9 +100,16 @@ async def record_heartbeat(ctx: Context, msg: HeartbeatMessage) -> Worker:
         in_flight=list(msg.in_flight),
     )
     await ctx.registry.upsert(worker)
-    if previous is None or _persisted_fields_changed(ctx, previous, worker):
+    persisted = ctx.worker_persisted_at.get(worker.id)
+    if (
+        previous is None
+        or persisted is None
+        or now - persisted >= ctx.policy.heartbeat_ttl / 3
+        or _persisted_fields_changed(ctx, previous, worker)
+    ):
         async with ctx.store.transaction() as tx:
             await tx.save_worker(worker)
+        ctx.worker_persisted_at[worker.id] = now
     return worker
 
 

@@ -18,6 +18,7 @@ from enginedge.domain.errors import (
     RateLimitExceeded,
     RequestNotFound,
 )
+from enginedge.domain.messages import new_traceparent, valid_traceparent
 from enginedge.domain.model import Request, Worker
 from enginedge.domain.routing import choose_worker
 from enginedge.domain.tasks import BUILTIN_TASKS, check_payload, check_task_type, parse_metadata
@@ -88,7 +89,7 @@ async def submit(ctx: Context, cmd: SubmitCommand) -> Submission:
         correlation_id=meta.correlation_id,
         idempotency_key=cmd.idempotency_key,
         caller=cmd.caller,
-        traceparent=cmd.traceparent,
+        traceparent=valid_traceparent(cmd.traceparent) or new_traceparent(),
     )
     try:
         async with ctx.store.transaction() as tx:

@@ -8,6 +8,7 @@ goes with the original bytes to the topic's dead-letter queue.
 from __future__ import annotations
 
 import re
+import secrets
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -24,6 +25,19 @@ WORKER_TYPE_PATTERN = re.compile(r"^[a-z][a-z0-9-]{0,49}$")
 
 ResultKind = Literal["progress", "completed", "failed"]
 RESULT_KINDS: frozenset[str] = frozenset({"progress", "completed", "failed"})
+
+
+TRACEPARENT = re.compile(r"^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+
+
+def new_traceparent() -> str:
+    """A W3C trace context for a message that starts a trace (no caller sent one)."""
+    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+
+
+def valid_traceparent(value: str | None) -> str | None:
+    """``value`` if it is a well-formed W3C ``traceparent``, else None."""
+    return value if value is not None and TRACEPARENT.match(value) else None
 
 
 def requests_topic(worker_type: str) -> str:

@@ -28,6 +28,7 @@ from enginedge.domain.messages import (
     ResultMessage,
     dead_letter,
     dlq_topic,
+    new_traceparent,
     requests_topic,
     worker_group,
 )
@@ -124,7 +125,8 @@ class WorkerRuntime:
             ts=self._clock(),
             in_flight=[str(r) for r in self._running],
         )
-        await self.bus.publish([BusMessage(HEARTBEATS_TOPIC, self.id, message.to_json())])
+        headers = {"traceparent": new_traceparent(), "correlation-id": self.id}
+        await self.bus.publish([BusMessage(HEARTBEATS_TOPIC, self.id, message.to_json(), headers)])
 
     async def _beat(self) -> None:
         while True:

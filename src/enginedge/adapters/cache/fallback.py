@@ -80,12 +80,16 @@ class FallbackRegistry(_Fallback):
         await self._try(lambda: self._primary.upsert(worker), lambda: self._fallback.upsert(worker))
 
     async def get(self, worker_id: str) -> Worker | None:
-        return await self._try(
+        worker = await self._try(
             lambda: self._primary.get(worker_id), lambda: self._fallback.get(worker_id)
         )
+        return worker or await self._fallback.get(worker_id)
 
     async def all(self) -> list[Worker]:
-        return await self._try(self._primary.all, self._fallback.all)
+        # An empty registry is what a restarted (or flushed) Redis holds until the next
+        # heartbeats: meanwhile the table knows the fleet.
+        workers = await self._try(self._primary.all, self._fallback.all)
+        return workers or await self._fallback.all()
 
 
 class FallbackEvents(_Fallback):
