@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import statistics
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -504,3 +505,54 @@ async def test_openapi_document_lists_every_endpoint(svc: Running) -> None:
     }
     schemes = doc["components"]["securitySchemes"]
     assert {s["type"] for s in schemes.values()} >= {"apiKey", "http"}
+
+
+# ------------------------------------------------------------------ the wire contract
+
+
+async def test_dispatches_carry_trace_and_correlation_headers(svc: Running) -> None:
+    from enginedge.domain.messages import TRACEPARENT, requests_topic
+
+    tap = await svc.service.ctx.bus.subscribe([requests_topic("testing")], "test-tap")
+    caller_trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    await svc.submit(
+        "test.echo",
+        {},
+        metadata={"correlationId": "order-7"},
+        headers={"traceparent": caller_trace},
+    )
+    await svc.submit("test.echo", {})
+    first, second = await tap.next_batch(2, 5.0), await tap.next_batch(1, 5.0)
+    messages = first + second
+    assert messages[0].headers == {"traceparent": caller_trace, "correlation-id": "order-7"}
+    # No trace from the caller: one is started, and the request id correlates.
+    assert TRACEPARENT.match(messages[1].headers["traceparent"])
+    assert messages[1].headers["correlation-id"] == messages[1].key
+
+
+async def test_duplicate_and_superseded_results_change_nothing(svc: Running) -> None:
+    from enginedge.application.ports import BusMessage
+    from enginedge.domain.messages import RESULTS_TOPIC, ResultMessage
+
+    rid = (await svc.submit("test.echo", {"n": 1})).json()["requestId"]
+    done = await svc.wait_terminal(rid)
+    for attempt, kind in ((1, "completed"), (1, "failed"), (7, "completed")):
+        message = ResultMessage(
+            request_id=uuid.UUID(rid),
+            attempt=attempt,
+            worker_id=done["workerId"],
+            kind=kind,
+            seq=9,
+            result={"forged": True} if kind == "completed" else None,
+            error="late failure" if kind == "failed" else None,
+        )
+        await svc.service.ctx.bus.publish([BusMessage(RESULTS_TOPIC, rid, message.to_json())])
+    await asyncio.sleep(0.3)
+    after = await svc.get(rid)
+    assert (after["status"], after["result"], after["error"]) == (
+        "COMPLETED",
+        {"echo": {"n": 1}},
+        None,
+    )
+    text = (await svc.client.get("/metrics")).text
+    assert 'enginedge_results_ignored_total{reason="duplicate"} 3.0' in text
