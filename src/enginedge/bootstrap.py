@@ -30,6 +30,7 @@ from enginedge.adapters.store.engine import PoolSettings, connect_with_retries, 
 from enginedge.adapters.store.migrate import head_revision, upgrade
 from enginedge.adapters.store.sql import SqlStore
 from enginedge.adapters.telemetry.metrics import PrometheusMetrics
+from enginedge.adapters.workers.probe import HttpWorkerProber
 from enginedge.application.context import Context, Policy
 from enginedge.application.inbox import ORCHESTRATOR_TOPICS
 from enginedge.application.ports import (
@@ -45,7 +46,7 @@ from enginedge.domain.messages import CONTROL_TOPIC, dlq_topic, requests_topic
 from enginedge.domain.tasks import BUILTIN_TASKS
 from enginedge.service import Job, Service
 from enginedge.worker import WorkerApp
-from enginedge.worker.builtin.data_processing import data_processing_worker
+from enginedge.worker.builtin import builtin_app
 
 
 class SystemClock:
@@ -62,6 +63,7 @@ def policy_from(settings: Settings) -> Policy:
         retry_backoff=timedelta(seconds=settings.retry_backoff),
         rate_limit=settings.rate_limit_requests,
         rate_limit_window_seconds=settings.rate_limit_window,
+        worker_check_timeout=settings.worker_health_check_timeout,
     )
 
 
@@ -92,13 +94,7 @@ def create_bus(settings: Settings) -> MessageBus:
 
 
 def builtin_worker_apps(settings: Settings) -> list[WorkerApp]:
-    apps = []
-    for name in settings.builtin_worker_list:
-        if name == "data-processing":
-            apps.append(
-                data_processing_worker(settings.data_root, settings.builtin_worker_capacity)
-            )
-    return apps
+    return [builtin_app(name, settings) for name in settings.builtin_worker_list]
 
 
 def orchestrator_topics() -> list[str]:
@@ -182,6 +178,7 @@ def build_service(settings: Settings, extra_workers: list[WorkerApp] | None = No
     store = SqlStore(engine, head_revision())
     caches = create_cache(settings, store)
     metrics = PrometheusMetrics()
+    prober = HttpWorkerProber()
     ctx = Context(
         store=store,
         bus=create_bus(settings),
@@ -193,6 +190,7 @@ def build_service(settings: Settings, extra_workers: list[WorkerApp] | None = No
         metrics=metrics,
         clock=SystemClock(),
         policy=policy_from(settings),
+        prober=prober,
     )
 
     async def prepare_store() -> None:
@@ -208,5 +206,6 @@ def build_service(settings: Settings, extra_workers: list[WorkerApp] | None = No
         sweep_interval=settings.sweep_interval,
         worker_apps=[*builtin_worker_apps(settings), *(extra_workers or [])],
         heartbeat_interval=settings.worker_heartbeat_interval,
-        closers=[*caches.closers, engine.dispose],
+        health_check_interval=settings.health_check_interval,
+        closers=[*caches.closers, prober.close, engine.dispose],
     )

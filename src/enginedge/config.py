@@ -71,6 +71,12 @@ def _redis_url(value: str) -> str:
     return value
 
 
+def _http_url(value: str) -> str:
+    if not value.startswith(("http://", "https://")):
+        raise ValueError("must be an http:// or https:// URL")
+    return value
+
+
 def _brokers(value: str) -> str:
     for broker in value.split(","):
         host, sep, port = broker.strip().rpartition(":")
@@ -99,10 +105,11 @@ def _bool(value: str) -> bool:
 
 def _workers(value: str) -> str:
     names = [n.strip() for n in value.split(",") if n.strip()]
-    unknown = set(names) - {"data-processing", "none"}
+    unknown = set(names) - {"data-processing", "llm", "none"}
     if unknown:
         raise ValueError(
-            f"unknown built-in worker(s) {', '.join(sorted(unknown))}; known: data-processing, none"
+            f"unknown built-in worker(s) {', '.join(sorted(unknown))}; "
+            "known: data-processing, llm, none"
         )
     return ",".join(names)
 
@@ -303,11 +310,44 @@ VARIABLES: tuple[Variable, ...] = (
         "directory of the embedded SQLite file and the generated API key",
     ),
     Variable(
+        "LLM_BASE_URL",
+        "llm_base_url",
+        None,
+        _http_url,
+        "OpenAI-compatible API for the llm worker, e.g. https://api.openai.com/v1",
+    ),
+    Variable("LLM_API_KEY", "llm_api_key", None, str, "bearer key for LLM_BASE_URL", secret=True),
+    Variable("LLM_MODEL", "llm_model", None, str, "model used when a request names none"),
+    Variable(
+        "WORKER_HEALTH_PORT",
+        "worker_health_port",
+        "8081",
+        _port,
+        "port of `enginedge worker`'s own /health endpoint",
+    ),
+    Variable(
+        "WORKER_ADVERTISED_HOST",
+        "worker_advertised_host",
+        None,
+        str,
+        "host name the orchestrator reaches a worker's /health at (default: this "
+        "machine's host name)",
+    ),
+    Variable(
+        "TASK_STALL_TIMEOUT",
+        "task_stall_timeout",
+        "600",
+        _positive_float,
+        "seconds a built-in worker's task may go without progress before the worker "
+        "reports itself unhealthy",
+    ),
+    Variable(
         "BUILTIN_WORKERS",
         "builtin_workers",
         None,
         _workers,
-        "built-in workers to run in-process; default: data-processing with the "
+        "built-in workers to run in-process; default: data-processing (and llm when "
+        "LLM_BASE_URL is set) with the "
         "in-process bus, none with Kafka",
     ),
     Variable(
@@ -345,6 +385,12 @@ class Settings:
     database_url: str | None = None
     kafka_brokers: str | None = None
     kafka_partitions: int = 3
+    llm_base_url: str | None = None
+    llm_api_key: str | None = None
+    llm_model: str | None = None
+    task_stall_timeout: float = 600
+    worker_health_port: int = 8081
+    worker_advertised_host: str | None = None
     kafka_username: str | None = None
     kafka_password: str | None = None
     redis_url: str | None = None
@@ -384,7 +430,9 @@ class Settings:
     @property
     def builtin_worker_list(self) -> list[str]:
         if self.builtin_workers is None:
-            return [] if self.kafka_brokers else ["data-processing"]
+            if self.kafka_brokers:
+                return []
+            return ["data-processing", "llm"] if self.llm_base_url else ["data-processing"]
         return [w for w in self.builtin_workers.split(",") if w != "none"]
 
     @property

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from enginedge.adapters.telemetry.metrics import PrometheusMetrics
 from enginedge.application.context import Context
+from enginedge.application.fleet import check_worker_health
 from enginedge.application.inbox import ORCHESTRATOR_TOPICS, handle_message, send_to_dlq
 from enginedge.application.maintenance import recover_in_flight, sweep
 from enginedge.application.outbox import relay_outbox
@@ -63,6 +64,7 @@ class Service:
     sweep_interval: float
     worker_apps: list[WorkerApp] = field(default_factory=list)
     heartbeat_interval: float = 5.0
+    health_check_interval: float = 30.0
     closers: list[Job] = field(default_factory=list)
     workers: list[WorkerRuntime] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -148,6 +150,7 @@ class Service:
         await retry_until_done("recovering in-flight requests", recover)
         self._spawn("relay", self._relay())
         self._spawn("sweeper", self._every(self.sweep_interval, self._sweep))
+        self._spawn("worker-checks", self._every(self.health_check_interval, self._check))
 
     async def _relay(self) -> None:
         failures = 0
@@ -209,6 +212,9 @@ class Service:
 
     async def _sweep(self) -> None:
         await sweep(self.ctx)
+
+    async def _check(self) -> None:
+        await check_worker_health(self.ctx)
 
     async def _every(self, seconds: float, job: Job) -> None:
         while True:

@@ -108,7 +108,7 @@ async def run_service(
             app, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="on"
         )
     )
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
     task = asyncio.create_task(server.serve())
     try:
         while not server.started:

@@ -19,8 +19,10 @@ class Probe:
     release: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-def worker_for_tests(probe: Probe, capacity: int = 4, worker_type: str = "testing") -> WorkerApp:
-    app = WorkerApp(worker_type, capacity=capacity)
+def worker_for_tests(
+    probe: Probe, capacity: int = 4, worker_type: str = "testing", stall_timeout: float = 600.0
+) -> WorkerApp:
+    app = WorkerApp(worker_type, capacity=capacity, stall_timeout=stall_timeout)
 
     async def tracked(task: Task, body: Any) -> dict[str, Any]:
         probe.started.append(str(task.request_id))
@@ -48,6 +50,13 @@ def worker_for_tests(probe: Probe, capacity: int = 4, worker_type: str = "testin
             return {"released": True}
 
         return await tracked(task, wait())
+
+    @app.task("test.hang_first")
+    async def hang_first(task: Task) -> dict[str, Any]:
+        """Hangs on the first attempt only: a stuck handler that a retry gets past."""
+        if task.attempt == 1:
+            return await tracked(task, asyncio.Event().wait())  # type: ignore[arg-type]
+        return await tracked(task, asyncio.sleep(0, {"attempt": task.attempt}))
 
     @app.task("test.stream")
     async def stream(task: Task) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from enginedge.application.ports import (
     RateLimiter,
     RequestCache,
     RequestStore,
+    WorkerProber,
     WorkerRegistry,
 )
 
@@ -33,6 +34,7 @@ class Policy:
     rate_limit: int = 6000
     rate_limit_window_seconds: int = 60
     probe_timeout: float = 2.0
+    worker_check_timeout: float = 10.0
 
     def backoff(self, attempt: int) -> timedelta:
         """Delay before dispatching ``attempt`` (2 and up): doubling, capped."""
@@ -54,6 +56,7 @@ class Context:
     metrics: Metrics
     clock: Clock
     policy: Policy = field(default_factory=Policy)
+    prober: WorkerProber | None = None
     # Called after a commit that wrote outbox messages, so the relay need not wait to poll.
     wake_relay: Callable[[], None] = lambda: None
     started_at: datetime | None = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from dataclasses import replace
 
 from enginedge.application.context import Context
@@ -9,6 +11,8 @@ from enginedge.application.events import progress_event, status_event
 from enginedge.application.outbox import finish, finished
 from enginedge.domain.messages import HeartbeatMessage, ResultMessage
 from enginedge.domain.model import Request, RequestStatus, Worker, WorkerStatus
+
+log = logging.getLogger(__name__)
 
 
 class UnknownRequest(LookupError):
@@ -98,6 +102,8 @@ async def record_heartbeat(ctx: Context, msg: HeartbeatMessage) -> Worker:
         last_health_check=previous.last_health_check if previous else None,
         first_seen=previous.first_seen if previous and previous.first_seen else now,
         in_flight=list(msg.in_flight),
+        reason=msg.reason,
+        check_error=previous.check_error if previous else None,
     )
     await ctx.registry.upsert(worker)
     persisted = ctx.worker_persisted_at.get(worker.id)
@@ -121,3 +127,35 @@ def _persisted_fields_changed(ctx: Context, old: Worker, new: Worker) -> bool:
         or old.capabilities != new.capabilities
         or old.capacity != new.capacity
     )
+
+
+async def check_worker_health(ctx: Context) -> list[Worker]:
+    """Check the ``/health`` of every live worker that has an HTTP endpoint, side by side;
+    a failed check makes the worker UNHEALTHY (no new work, its requests re-dispatched by
+    the sweeper) until a check passes again. Returns the workers checked."""
+    if ctx.prober is None:
+        return []
+    prober = ctx.prober
+    now = ctx.clock.now()
+    workers = [
+        w
+        for w in await ctx.registry.all()
+        if w.endpoint.startswith(("http://", "https://"))
+        and now - w.last_heartbeat <= ctx.policy.heartbeat_ttl
+    ]
+    errors = await asyncio.gather(
+        *(prober.probe(w.endpoint, ctx.policy.worker_check_timeout) for w in workers)
+    )
+    for worker, error in zip(workers, errors, strict=True):
+        changed = error != worker.check_error
+        worker.check_error = error
+        worker.last_health_check = now
+        await ctx.registry.upsert(worker)
+        if changed:
+            log.warning(
+                "worker health check " + ("failed" if error else "passes again"),
+                extra={"workerId": worker.id, "workerType": worker.type, "error": error},
+            )
+            async with ctx.store.transaction() as tx:
+                await tx.save_worker(worker)
+    return workers

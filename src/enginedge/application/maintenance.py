@@ -138,8 +138,9 @@ async def _lost_workers(
             continue
         lost.add(worker.id)
         if worker.status is not WorkerStatus.UNHEALTHY:
+            # Its heartbeats still say healthy: the cause is silence or a failed check.
             worker.status = WorkerStatus.UNHEALTHY
-            worker.reason = "heartbeats stopped"
+            worker.reason = worker.check_error or "heartbeats stopped"
             await ctx.registry.upsert(worker)
             async with ctx.store.transaction() as tx:
                 await tx.save_worker(worker)

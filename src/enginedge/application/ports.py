@@ -222,6 +222,14 @@ class RequestCache(Protocol):
         ...
 
 
+class WorkerProber(Protocol):
+    """Active health checks of a worker's own endpoint."""
+
+    async def probe(self, endpoint: str, timeout: float) -> str | None:
+        """None if ``endpoint``'s /health answers healthy within ``timeout``, else why not."""
+        ...
+
+
 class Cache(Protocol):
     """Health check of the cache backend (the embedded one is always up)."""
 

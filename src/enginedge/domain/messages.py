@@ -226,6 +226,7 @@ class HeartbeatMessage:
     status: str
     ts: datetime
     in_flight: list[str] = field(default_factory=list)
+    reason: str | None = None
 
     def to_json(self) -> bytes:
         return encode(
@@ -239,6 +240,7 @@ class HeartbeatMessage:
                 "status": self.status,
                 "ts": self.ts.isoformat(),
                 "inFlight": self.in_flight,
+                **({"reason": self.reason} if self.reason else {}),
             }
         )
 
@@ -271,6 +273,7 @@ class HeartbeatMessage:
             status=status,
             ts=_timestamp(data, "ts"),
             in_flight=in_flight,
+            reason=str(data["reason"])[:500] if data.get("reason") else None,
         )
 
 

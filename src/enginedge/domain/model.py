@@ -177,10 +177,13 @@ class Worker:
     reason: str | None = None
     # Request ids the worker said it holds in its last heartbeat.
     in_flight: list[str] = field(default_factory=list)
+    # Why the orchestrator's last active health check of ``endpoint`` failed (None: passed).
+    check_error: str | None = None
 
     def effective_status(self, now: datetime, heartbeat_ttl: timedelta) -> WorkerStatus:
-        """The status to route by: a worker whose heartbeats stopped is unhealthy."""
-        if now - self.last_heartbeat > heartbeat_ttl:
+        """The status to route by: a worker whose heartbeats stopped, or whose health check
+        fails, is unhealthy."""
+        if now - self.last_heartbeat > heartbeat_ttl or self.check_error is not None:
             return WorkerStatus.UNHEALTHY
         return self.status
 

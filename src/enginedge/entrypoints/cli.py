@@ -137,7 +137,7 @@ def serve(
     "SIGTERM drains it: running tasks finish, then it exits 0."
 )
 def worker(
-    worker_type: Annotated[str, typer.Option("--type", help="data-processing")],
+    worker_type: Annotated[str, typer.Option("--type", help="data-processing or llm")],
     capacity: Annotated[
         int | None, typer.Option(min=1, help="Concurrent tasks (default BUILTIN_WORKER_CAPACITY)")
     ] = None,
@@ -146,7 +146,8 @@ def worker(
     ] = None,
 ) -> None:
     from enginedge.adapters.telemetry.logging import configure_logging
-    from enginedge.entrypoints.worker_process import builtin_app, run_worker
+    from enginedge.entrypoints.worker_process import run_worker
+    from enginedge.worker.builtin import builtin_app
 
     settings = _settings()
     configure_logging(settings.log_level)
@@ -156,7 +157,7 @@ def worker(
         except ValueError:
             _fail("--id must be a UUID", EXIT_USAGE)
     try:
-        app_ = builtin_app(worker_type, settings, capacity or settings.builtin_worker_capacity)
+        app_ = builtin_app(worker_type, settings, capacity)
         asyncio.run(run_worker(app_, settings, worker_id))
     except ConfigError as exc:
         _fail(str(exc), EXIT_USAGE)

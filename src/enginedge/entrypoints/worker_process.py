@@ -19,19 +19,8 @@ from enginedge.domain.messages import (
     requests_topic,
 )
 from enginedge.worker import WorkerApp, WorkerRuntime
-from enginedge.worker.builtin.data_processing import data_processing_worker
 
 log = logging.getLogger(__name__)
-
-BUILTIN_TYPES = ("data-processing",)
-
-
-def builtin_app(worker_type: str, settings: Settings, capacity: int) -> WorkerApp:
-    if worker_type == "data-processing":
-        return data_processing_worker(settings.data_root, capacity)
-    raise ConfigError(
-        f"unknown worker type {worker_type!r}; built-in types: {', '.join(BUILTIN_TYPES)}"
-    )
 
 
 async def run_worker(app: WorkerApp, settings: Settings, worker_id: str | None = None) -> None:

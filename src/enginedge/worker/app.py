@@ -31,8 +31,14 @@ class Task:
 
     async def progress(self, chunk: Any) -> None:
         """Send a partial result (e.g. a few LLM tokens) to whoever follows the request."""
-        if self._report is not None:
+        if self._report is not None and chunk is not None:
             await self._report(chunk)
+
+    async def heartbeat(self) -> None:
+        """Say the task is alive without a partial result. A task that goes longer than its
+        worker's ``stall_timeout`` without ``progress`` or ``heartbeat`` counts as stuck."""
+        if self._report is not None:
+            await self._report(None)
 
     def on_cancel(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` if the request is cancelled or times out (e.g. to interrupt a
@@ -52,11 +58,14 @@ class TaskSpec:
 class WorkerApp:
     """A worker type and its handlers; run it with :class:`WorkerRuntime`."""
 
-    def __init__(self, worker_type: str, *, capacity: int = 4) -> None:
+    def __init__(
+        self, worker_type: str, *, capacity: int = 4, stall_timeout: float = 600.0
+    ) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self.type = worker_type
         self.capacity = capacity
+        self.stall_timeout = stall_timeout
         self.handlers: dict[str, TaskSpec] = {}
 
     def task(self, task_type: str) -> Callable[[Handler], Handler]:

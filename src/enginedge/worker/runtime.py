@@ -49,6 +49,7 @@ class _Running:
         self.job = job
         self.seq = 0
         self.cancelled = False
+        self.last_progress = time.monotonic()
 
 
 class WorkerRuntime:
@@ -79,6 +80,10 @@ class WorkerRuntime:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self._status = "HEALTHY"
+        # Why this worker says it is unhealthy, and until when (monotonic seconds).
+        self.reason: str | None = None
+        self._unhealthy_until = 0.0
+        self._last_poll = time.monotonic()
         self._requests: Subscription | None = None
         self._control: Subscription | None = None
         self.max_active = 0  # highest concurrency seen, for tests and the health endpoint
@@ -121,16 +126,51 @@ class WorkerRuntime:
             capabilities=self.app.capabilities,
             capacity=self.app.capacity,
             active=self.active,
-            status=self._status,
+            status=self.status,
             ts=self._clock(),
+            reason=self.reason if self.status == "UNHEALTHY" else None,
             in_flight=[str(r) for r in self._running],
         )
         headers = {"traceparent": new_traceparent(), "correlation-id": self.id}
         await self.bus.publish([BusMessage(HEARTBEATS_TOPIC, self.id, message.to_json(), headers)])
 
+    @property
+    def status(self) -> str:
+        """HEALTHY, DRAINING (stopping), or UNHEALTHY (stalled, or cooling down after a
+        stall); an unhealthy worker takes no new work."""
+        if self._status != "HEALTHY":
+            return self._status
+        return "UNHEALTHY" if time.monotonic() < self._unhealthy_until else "HEALTHY"
+
+    def check_stalls(self) -> None:
+        """Declare this worker unhealthy if a task made no progress within the app's stall
+        timeout, or the consumer stopped polling; stalled tasks are abandoned (cancelled,
+        not reported) so that the orchestrator gives them to another worker."""
+        now = time.monotonic()
+        stall = self.app.stall_timeout
+        stalled = [r for r in self._running.values() if now - r.last_progress > stall]
+        for running in stalled:
+            running.cancelled = True
+            running.job.cancel()
+        if stalled:
+            self._unhealthy(
+                f"request {stalled[0].task.request_id} made no progress for {stall:g}s", now
+            )
+        elif now - self._last_poll > max(stall, 30 * self.poll_timeout):
+            self._unhealthy("the consumer stopped polling", now)
+
+    def _unhealthy(self, reason: str, now: float) -> None:
+        if self.status != "UNHEALTHY":
+            log.warning("worker unhealthy", extra={"workerId": self.id, "reason": reason})
+        self.reason = reason
+        # Out of rotation long enough for the orchestrator to hear it (two heartbeats) and
+        # for the abandoned work to go to another worker (a stall timeout's cool-down).
+        self._unhealthy_until = now + max(2.5 * self.heartbeat_interval, self.app.stall_timeout)
+
     async def _beat(self) -> None:
         while True:
             await asyncio.sleep(self.heartbeat_interval)
+            self.check_stalls()
             try:
                 await self.heartbeat()
             except Exception:
@@ -141,7 +181,8 @@ class WorkerRuntime:
         (they stay in the bus for the other workers) but stay in the consumer group."""
         assert self._requests is not None
         while not self._stopping.is_set():
-            free = self.app.capacity - self.active
+            self._last_poll = time.monotonic()
+            free = self.app.capacity - self.active if self.status == "HEALTHY" else 0
             try:
                 if free <= 0:
                     await self._requests.next_batch(0, 0)
@@ -187,6 +228,9 @@ class WorkerRuntime:
         started = time.perf_counter()
 
         async def report(chunk: Any) -> None:
+            running.last_progress = time.monotonic()
+            if chunk is None:  # task.heartbeat(): alive, nothing to show
+                return
             running.seq += 1
             await self._progress(task, running.seq, headers, chunk)
 

@@ -84,6 +84,7 @@ def worker_from_json(raw: bytes | str) -> Worker:
         first_seen=_dt(d.get("first_seen")),
         reason=d.get("reason"),
         in_flight=d.get("in_flight") or [],
+        check_error=d.get("check_error"),
     )
 
 

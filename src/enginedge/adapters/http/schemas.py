@@ -119,7 +119,7 @@ class WorkerView(Model):
             load=w.load,
             lastHeartbeat=w.last_heartbeat,
             lastHealthCheck=w.last_health_check,
-            statusReason=w.reason,
+            statusReason=w.check_error or w.reason,
         )
 
 

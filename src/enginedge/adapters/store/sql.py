@@ -283,13 +283,14 @@ class SqlTransaction:
             "id": uuid.UUID(worker.id),
             "type": worker.type,
             "endpoint": worker.endpoint,
-            "status": worker.status.value,
+            # A failed active health check shows in the table as the worker being unhealthy.
+            "status": WorkerStatus.UNHEALTHY.value if worker.check_error else worker.status.value,
             "capabilities": worker.capabilities,
             "last_health_check": worker.last_health_check,
             "capacity": worker.capacity,
             "active": worker.active,
             "last_heartbeat": worker.last_heartbeat,
-            "status_reason": worker.reason,
+            "status_reason": worker.check_error or worker.reason,
             "updated_at": worker.last_heartbeat,
         }
         dialect = postgresql if self._postgres else sqlite

@@ -1,0 +1,176 @@
+"""The worker SDK and the reference workers, run in the service over the in-process bus
+(the same runtime runs `enginedge worker` over Kafka, see test_distributed.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from enginedge.worker import WorkerApp, WorkerRuntime
+from enginedge.worker.health import serving_health
+from tests.integration.test_api import H, read_events
+from tests.support.fake_llm import FakeLlm, fake_llm_server
+from tests.support.harness import Running, fast_settings, run_service
+from tests.support.servers import free_port
+from tests.support.workers import Probe, worker_for_tests
+
+README = Path(__file__).parents[2] / "README.md"
+CHAT = {"messages": [{"role": "user", "content": "Say 25 tokens"}]}
+
+
+@pytest.fixture
+async def fake_llm() -> AsyncIterator[FakeLlm]:
+    async with fake_llm_server(FakeLlm()) as fake:
+        yield fake
+
+
+async def test_capacity_bounds_what_a_worker_holds(tmp_path: Path) -> None:
+    probe = Probe()
+    settings = fast_settings(tmp_path, builtin_workers="none")
+    async with run_service(settings, [worker_for_tests(probe, capacity=2)]) as svc:
+        ids = [
+            (await svc.submit("test.sleep", {"seconds": 0.3})).json()["requestId"] for _ in range(6)
+        ]
+        for rid in ids:
+            assert (await svc.wait_terminal(rid))["status"] == "COMPLETED"
+        (runtime,) = svc.service.workers
+        assert runtime.max_active == 2  # busy at full capacity, never beyond it
+
+
+async def test_a_stuck_handler_is_detected_and_its_request_runs_elsewhere(
+    tmp_path: Path,
+) -> None:
+    probe = Probe()
+    settings = fast_settings(tmp_path, builtin_workers="none")
+    apps = [worker_for_tests(probe, capacity=1, stall_timeout=0.6) for _ in range(2)]
+    async with run_service(settings, apps) as svc:
+        rid = (await svc.submit("test.hang_first", {})).json()["requestId"]
+        first = await svc.wait_for(rid, lambda b: b["status"] == "PROCESSING")
+        final = await svc.wait_terminal(rid, timeout=20)
+        assert final["status"] == "COMPLETED"
+        assert final["attempts"] == 2
+        assert final["result"] == {"attempt": 2}
+        assert final["workerId"] != first["workerId"]
+        assert rid in probe.cancelled  # the stuck handler was abandoned
+
+
+async def test_a_worker_whose_health_check_fails_gets_no_work(tmp_path: Path) -> None:
+    settings = fast_settings(
+        tmp_path, builtin_workers="none", health_check_interval=0.2, worker_health_check_timeout=0.5
+    )
+    async with run_service(settings) as svc:
+        port = free_port()
+        runtime = WorkerRuntime(
+            worker_for_tests(Probe()),
+            svc.service.ctx.bus,
+            endpoint=f"http://127.0.0.1:{port}",
+            heartbeat_interval=0.2,
+        )
+        await runtime.start()
+        try:
+            # Nothing answers on its endpoint: excluded although its heartbeats arrive.
+            await _until(svc, "UNHEALTHY", runtime.id)
+            refused = await svc.submit("test.echo", {})
+            assert refused.status_code == 503
+            assert refused.json()["error"]["code"] == "NO_ELIGIBLE_WORKERS"
+            worker = (await svc.client.get(f"/api/workers/{runtime.id}", headers=H)).json()
+            assert "health check failed" in worker["statusReason"]
+            assert worker["lastHealthCheck"] is not None
+            async with serving_health(runtime, "127.0.0.1", port):
+                await _until(svc, "HEALTHY", runtime.id)
+                accepted = await svc.submit("test.echo", {})
+                assert accepted.status_code == 202
+                done = await svc.wait_terminal(accepted.json()["requestId"])
+                assert done["workerId"] == runtime.id
+        finally:
+            await runtime.stop()
+
+
+async def _until(svc: Running, status: str, worker_id: str) -> None:
+    for _ in range(100):
+        worker = (await svc.client.get(f"/api/workers/{worker_id}", headers=H)).json()
+        if worker["status"] == status:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"worker never became {status}: {worker}")
+
+
+async def test_draining_a_worker_finishes_its_work(tmp_path: Path) -> None:
+    probe = Probe()
+    settings = fast_settings(tmp_path, builtin_workers="none")
+    async with run_service(settings, [worker_for_tests(probe, capacity=2)]) as svc:
+        rid = (await svc.submit("test.sleep", {"seconds": 0.5})).json()["requestId"]
+        await svc.wait_for(rid, lambda b: b["status"] == "PROCESSING")
+        (runtime,) = svc.service.workers
+        await runtime.stop(drain=True)  # what SIGTERM does in `enginedge worker`
+        final = await svc.wait_terminal(rid)
+        assert final["status"] == "COMPLETED"
+        assert final["attempts"] == 1
+
+
+async def test_llm_worker_streams_tokens_in_order_to_sse(tmp_path: Path, fake_llm: FakeLlm) -> None:
+    settings = fast_settings(
+        tmp_path,
+        builtin_workers="llm",
+        llm_base_url=fake_llm.url,
+        llm_api_key="sk-test-key",
+        llm_model="tiny-model",
+    )
+    async with run_service(settings) as svc:
+        rid = (await svc.submit("llm.chat", {**CHAT, "max_tokens": 50})).json()["requestId"]
+        events = await asyncio.wait_for(read_events(svc, rid), 20)
+        tokens = [d["chunk"]["text"] for _, kind, d in events if kind == "progress"]
+        assert tokens == fake_llm.tokens
+        assert len(tokens) >= 20
+        final = events[-1][2]
+        assert final["status"] == "COMPLETED"
+        assert final["result"]["content"] == "".join(fake_llm.tokens)
+        assert final["result"]["model"] == "tiny-model"
+        assert final["result"]["usage"]["completion_tokens"] == 25
+        assert fake_llm.requests[0]["max_tokens"] == 50
+        assert fake_llm.requests[0]["stream"] is True
+        assert fake_llm.authorizations[0] == "Bearer sk-test-key"
+
+
+async def test_llm_rate_limits_are_retried_and_errors_are_clear(
+    tmp_path: Path, fake_llm: FakeLlm
+) -> None:
+    fake_llm.failures = [
+        (429, {"error": {"message": "slow down"}}),
+        (503, {"error": {"message": "overloaded"}}),
+    ]
+    settings = fast_settings(
+        tmp_path, builtin_workers="llm", llm_base_url=fake_llm.url, llm_model="tiny-model"
+    )
+    async with run_service(settings) as svc:
+        rid = (await svc.submit("llm.chat", CHAT)).json()["requestId"]
+        final = await svc.wait_terminal(rid)
+        assert final["status"] == "COMPLETED"
+        assert len(fake_llm.requests) == 3
+        fake_llm.failures = [(400, {"error": {"message": "model 'nope' does not exist"}})]
+        bad = (await svc.submit("llm.chat", {**CHAT, "model": "nope"})).json()["requestId"]
+        failed = await svc.wait_terminal(bad)
+        assert failed["status"] == "FAILED"
+        assert failed["error"] == "upstream answered 400: model 'nope' does not exist"
+
+
+async def test_the_example_worker_in_the_readme_runs(tmp_path: Path) -> None:
+    text = README.read_text()
+    section = text[text.index("## Write your own worker") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S)
+    assert code is not None
+    namespace: dict[str, Any] = {}
+    exec(compile(code.group(1), "README.md", "exec"), namespace)
+    app = namespace["app"]
+    assert isinstance(app, WorkerApp)
+    settings = fast_settings(tmp_path, builtin_workers="none")
+    async with run_service(settings, [app]) as svc:
+        rid = (await svc.submit("text.upper", {"text": "hello fleet"})).json()["requestId"]
+        events = await asyncio.wait_for(read_events(svc, rid), 10)
+        assert [d["chunk"] for _, kind, d in events if kind == "progress"] == [{"text": "working"}]
+        assert events[-1][2]["result"] == {"text": "HELLO FLEET"}

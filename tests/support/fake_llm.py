@@ -1,0 +1,82 @@
+"""A small local server speaking the OpenAI chat-completions protocol (streaming included),
+standing in for a hosted LLM API that the tests cannot reach."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from tests.support.servers import free_port
+
+
+@dataclass
+class FakeLlm:
+    """Answers with ``tokens`` one SSE chunk each; ``failures`` are (status, body) answers
+    given first, one per call."""
+
+    tokens: list[str] = field(default_factory=lambda: [f"tok{i} " for i in range(25)])
+    failures: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    authorizations: list[str | None] = field(default_factory=list)
+    delay: float = 0.005
+    url: str = ""
+
+    async def completions(self, request: Request) -> Response:
+        body = await request.json()
+        self.requests.append(body)
+        self.authorizations.append(request.headers.get("authorization"))
+        if self.failures:
+            status, error = self.failures.pop(0)
+            return JSONResponse(error, status_code=status, headers={"Retry-After": "0"})
+
+        async def stream() -> AsyncIterator[bytes]:
+            for token in self.tokens:
+                chunk = {
+                    "id": "c1",
+                    "object": "chat.completion.chunk",
+                    "model": body["model"],
+                    "choices": [{"index": 0, "delta": {"content": token}, "finish_reason": None}],
+                }
+                yield b"data: " + orjson.dumps(chunk) + b"\n\n"
+                await asyncio.sleep(self.delay)
+            last = {
+                "id": "c1",
+                "model": body["model"],
+                "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 3, "completion_tokens": len(self.tokens)},
+            }
+            yield b"data: " + orjson.dumps(last) + b"\n\n"
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+
+@contextlib.asynccontextmanager
+async def fake_llm_server(fake: FakeLlm) -> AsyncIterator[FakeLlm]:
+    app = Starlette(routes=[Route("/v1/chat/completions", fake.completions, methods=["POST"])])
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="off"
+        )
+    )
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    fake.url = f"http://127.0.0.1:{port}/v1"
+    try:
+        yield fake
+    finally:
+        server.should_exit = True
+        await asyncio.gather(task, return_exceptions=True)
