@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from enginedge.adapters.http.serving import serving
 from tests.support.servers import free_port
 
 
@@ -65,18 +65,6 @@ class FakeLlm:
 async def fake_llm_server(fake: FakeLlm) -> AsyncIterator[FakeLlm]:
     app = Starlette(routes=[Route("/v1/chat/completions", fake.completions, methods=["POST"])])
     port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="off"
-        )
-    )
-    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.01)
-    fake.url = f"http://127.0.0.1:{port}/v1"
-    try:
+    async with serving(app, "127.0.0.1", port):
+        fake.url = f"http://127.0.0.1:{port}/v1"
         yield fake
-    finally:
-        server.should_exit = True
-        await asyncio.gather(task, return_exceptions=True)

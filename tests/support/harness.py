@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import uvicorn
 from fastapi import FastAPI
 
+from enginedge.adapters.http.serving import serving
 from enginedge.config import Settings
 from enginedge.entrypoints.asgi import build_app
 from enginedge.service import Service
@@ -103,25 +103,11 @@ async def run_service(
     """Start the whole service (lifespan, loops, workers) on a free port; stop it after."""
     app = build_app(settings, workers)
     port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="on"
-        )
-    )
-    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
-    task = asyncio.create_task(server.serve())
-    try:
-        while not server.started:
-            if task.done():
-                task.result()
-                raise RuntimeError("the server stopped during start-up")
-            await asyncio.sleep(0.01)
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-            yield Running(f"http://127.0.0.1:{port}", app, client)
-    finally:
-        server.should_exit = True
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(task, 30)
+    async with (
+        serving(app, "127.0.0.1", port, lifespan="on"),
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client,
+    ):
+        yield Running(f"http://127.0.0.1:{port}", app, client)
 
 
 def unique(prefix: str) -> str:

@@ -17,7 +17,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -235,25 +235,11 @@ def redis_binary() -> Path:
 
 
 @contextlib.contextmanager
-def kafka_broker() -> Iterator[Restartable]:
-    """tansu, a Kafka-protocol broker keeping everything in memory (a restart empties it)."""
+def _temporary_server(prefix: str, args: Callable[[int], list[str]]) -> Iterator[Restartable]:
+    """A server on a free port with a scratch directory, both gone afterwards."""
     port = free_port()
-    workdir = Path(tempfile.mkdtemp(prefix="enginedge-kafka-"))
-    url = f"tcp://127.0.0.1:{port}"
-    server = Restartable(
-        [
-            str(tansu_binary()),
-            "broker",
-            "--listener-url",
-            url,
-            "--advertised-listener-url",
-            url,
-            "--storage-engine",
-            "memory://tansu/",
-        ],
-        port,
-        workdir,
-    )
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    server = Restartable(args(port), port, workdir)
     try:
         server.start()
         yield server
@@ -262,12 +248,29 @@ def kafka_broker() -> Iterator[Restartable]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def redis_server() -> Iterator[Restartable]:
-    port = free_port()
-    workdir = Path(tempfile.mkdtemp(prefix="enginedge-redis-"))
-    server = Restartable(
-        [
+def kafka_broker() -> contextlib.AbstractContextManager[Restartable]:
+    """tansu, a Kafka-protocol broker keeping everything in memory (a restart empties it)."""
+
+    def args(port: int) -> list[str]:
+        url = f"tcp://127.0.0.1:{port}"
+        return [
+            str(tansu_binary()),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
+        ]
+
+    return _temporary_server("enginedge-kafka-", args)
+
+
+def redis_server() -> contextlib.AbstractContextManager[Restartable]:
+    return _temporary_server(
+        "enginedge-redis-",
+        lambda port: [
             str(redis_binary()),
             "--port",
             str(port),
@@ -278,12 +281,4 @@ def redis_server() -> Iterator[Restartable]:
             "--appendonly",
             "no",
         ],
-        port,
-        workdir,
     )
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(workdir, ignore_errors=True)

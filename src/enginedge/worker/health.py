@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from enginedge.adapters.http.serving import serving
 from enginedge.worker.runtime import WorkerRuntime
 
 
@@ -35,20 +34,5 @@ def health_app(runtime: WorkerRuntime) -> Starlette:
 @contextlib.asynccontextmanager
 async def serving_health(runtime: WorkerRuntime, host: str, port: int) -> AsyncIterator[None]:
     """Serve ``/health`` on ``host:port`` for as long as the block runs."""
-    config = uvicorn.Config(
-        health_app(runtime), host=host, port=port, log_config=None, access_log=False, lifespan="off"
-    )
-    server = uvicorn.Server(config)
-    # The worker process owns SIGTERM (it drains); uvicorn must not take the signals.
-    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
-    task = asyncio.create_task(server.serve(), name="worker-health")
-    while not server.started:
-        if task.done():
-            task.result()
-            raise RuntimeError(f"the health endpoint could not listen on {host}:{port}")
-        await asyncio.sleep(0.01)
-    try:
+    async with serving(health_app(runtime), host, port):
         yield
-    finally:
-        server.should_exit = True
-        await asyncio.gather(task, return_exceptions=True)
