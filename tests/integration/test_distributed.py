@@ -26,6 +26,7 @@ from tests.support.servers import (
     Restartable,
     free_port,
     kafka_broker,
+    postgres_server,
     redis_server,
     stop_process,
 )
@@ -63,6 +64,7 @@ class Cluster:
             WORKER_HEARTBEAT_TTL="20",
             SWEEP_INTERVAL="0.5",
             DISPATCH_TIMEOUT="6",
+            HEALTH_CHECK_INTERVAL="1",
             RETRY_BACKOFF="0.2",
             MAX_ATTEMPTS="5",
             **self.extra_env,
@@ -99,7 +101,11 @@ class Cluster:
         n = len(self.workers)
         self.workers.append(
             self._spawn(
-                ["worker", "--type", "data-processing", "--capacity", str(capacity)], f"worker-{n}"
+                ["worker", "--type", "data-processing", "--capacity", str(capacity)],
+                f"worker-{n}",
+                # Its own /health, which the replicas check every second.
+                WORKER_HEALTH_PORT=str(free_port()),
+                WORKER_ADVERTISED_HOST="127.0.0.1",
             )
         )
 
@@ -301,6 +307,17 @@ async def test_events_cross_replicas_and_limits_are_shared(
     b = cluster.start_replica()
     cluster.start_worker()
     cluster.wait_for_workers(a, 1)
+    # The replicas check the worker's own /health: it passes, and says so.
+    for _ in range(50):
+        (worker,) = (await http.get(f"{b}/api/workers", headers=H)).json()["items"]
+        if worker["lastHealthCheck"]:
+            break
+        await asyncio.sleep(0.1)
+    assert worker["lastHealthCheck"] is not None
+    assert worker["status"] == "HEALTHY"
+    assert worker["endpoint"].startswith("http://127.0.0.1:")
+    health = (await http.get(worker["endpoint"] + "/health")).json()
+    assert (health["status"], health["workerId"]) == ("HEALTHY", worker["workerId"])
 
     # An SSE client on A sees the outcome of requests whose results B recorded.
     recorded_by_b = 0
@@ -385,3 +402,34 @@ async def test_redis_outage_degrades_and_loses_nothing(
         body = (await http.get(f"{a}/api/requests/{rid}", headers=H)).json()
         assert body["status"] == "COMPLETED"
     assert (await http.get(f"{a}/ready")).status_code == 200
+
+
+async def test_ready_follows_each_backing_service(tmp_path: Path, http: httpx.AsyncClient) -> None:
+    """Each of PostgreSQL, the broker and Redis stopped in turn: /ready 503 within the probe
+    timeout, naming it; /live stays 200; /ready recovers by itself."""
+    with postgres_server() as pg, kafka_broker() as broker, redis_server() as redis:
+        cluster = Cluster(tmp_path, pg.url, broker, redis)
+        try:
+            a = cluster.start_replica()
+            outages: list[tuple[str, Any]] = [
+                ("database", pg),
+                ("messageBus", broker),
+                ("cache", redis),
+            ]
+            for component, server in outages:
+                await asyncio.to_thread(server.stop)
+                started = time.monotonic()
+                ready = await http.get(f"{a}/ready")
+                assert time.monotonic() - started < 5  # never hangs
+                assert ready.status_code == 503, (component, ready.text)
+                assert ready.json()["components"][component]["status"] == "down"
+                assert (await http.get(f"{a}/live")).status_code == 200
+                await asyncio.to_thread(server.restart)
+                for _ in range(100):
+                    if (await http.get(f"{a}/ready")).status_code == 200:
+                        break
+                    await asyncio.sleep(0.2)
+                else:
+                    raise AssertionError(f"/ready did not recover after {component}")
+        finally:
+            cluster.stop_all()

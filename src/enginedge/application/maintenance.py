@@ -39,7 +39,10 @@ async def sweep(ctx: Context) -> SweepReport:
             report,
             "worker_lost",
             "the worker running it was lost",
-            lambda tx: tx.lock_in_flight(sorted(lost), BATCH),
+            # Only what it has run for a whole TTL: a worker judged lost while it still works
+            # (its heartbeats delayed, not stopped) would otherwise see every new attempt
+            # taken from it again and again, until the request failed.
+            lambda tx: tx.lock_in_flight(sorted(lost), BATCH, now - ctx.policy.heartbeat_ttl),
         )
     alive = [w for w in workers if w.id not in lost]
     if alive:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
 
 from enginedge.application.context import Context
@@ -15,6 +16,8 @@ from enginedge.domain.messages import (
     requests_topic,
 )
 from enginedge.domain.model import Request, Result
+
+log = logging.getLogger(__name__)
 
 
 def dispatch_message(request: Request, available_at: datetime | None = None) -> OutboxMessage:
@@ -62,9 +65,23 @@ async def finish(ctx: Context, tx: StoreTransaction, request: Request, now: date
 
 
 def finished(ctx: Context, request: Request) -> None:
-    """Count a terminal request (after its transaction committed)."""
+    """Count and log a terminal request (after its transaction committed)."""
     ctx.metrics.request_finished(
         request.status, (request.updated_at - request.created_at).total_seconds()
+    )
+    log.info(
+        "request finished",
+        extra={
+            "requestId": str(request.id),
+            "status": request.status.value,
+            "taskType": request.task_type,
+            "workerType": request.worker_type,
+            "workerId": request.worker_id,
+            "attempts": request.attempts,
+            "processingTime": request.processing_time_ms,
+            "correlationId": request.correlation_id,
+            "error": request.error,
+        },
     )
     if request.processing_time_ms is not None and request.status.value == "COMPLETED":
         ctx.observe_duration(request.task_type, request.processing_time_ms / 1000)

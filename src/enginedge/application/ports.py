@@ -96,9 +96,13 @@ class StoreTransaction(Protocol):
         ...
 
     async def lock_in_flight(
-        self, worker_ids: Sequence[str] | None = None, limit: int = 1000
+        self,
+        worker_ids: Sequence[str] | None = None,
+        limit: int = 1000,
+        started_before: datetime | None = None,
     ) -> list[Request]:
-        """DISPATCHED or PROCESSING requests, of the given workers if named."""
+        """DISPATCHED or PROCESSING requests, of the given workers if named, started before
+        the given time if one is."""
         ...
 
     async def save_worker(self, worker: Worker) -> None: ...
@@ -116,6 +120,10 @@ class RequestStore(Protocol):
     async def list_workers(self) -> list[Worker]: ...
 
     async def outbox_backlog(self) -> int: ...
+
+    async def waiting_by_worker_type(self) -> dict[str, int]:
+        """Requests not yet started (PENDING or DISPATCHED), per worker type."""
+        ...
 
     async def ping(self) -> None:
         """Raise if the store cannot be reached or its schema is not current."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import socket
 
@@ -19,6 +18,7 @@ from enginedge.domain.messages import (
     requests_topic,
 )
 from enginedge.worker import WorkerApp, WorkerRuntime
+from enginedge.worker.health import serving_health
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +33,12 @@ async def run_worker(app: WorkerApp, settings: Settings, worker_id: str | None =
         )
     bus = KafkaBus(kafka_settings(settings))
     topics = [requests_topic(app.type), RESULTS_TOPIC, HEARTBEATS_TOPIC, CONTROL_TOPIC]
+    host = settings.worker_advertised_host or socket.gethostname()
     runtime = WorkerRuntime(
         app,
         bus,
         worker_id=worker_id,
-        endpoint=f"kafka://{socket.gethostname()}/{os.getpid()}",
+        endpoint=f"http://{host}:{settings.worker_health_port}",
         heartbeat_interval=settings.worker_heartbeat_interval,
     )
     stop = asyncio.Event()
@@ -48,10 +49,12 @@ async def run_worker(app: WorkerApp, settings: Settings, worker_id: str | None =
         await _prepare(bus, [*topics, *map(dlq_topic, topics)], stop)
         if stop.is_set():
             return
-        await runtime.start()
-        await stop.wait()
-        log.info("draining", extra={"workerId": runtime.id, "active": runtime.active})
-        await runtime.stop(drain=True)
+        # Its own /health first: the orchestrator checks it from the first heartbeat on.
+        async with serving_health(runtime, "0.0.0.0", settings.worker_health_port):  # noqa: S104
+            await runtime.start()
+            await stop.wait()
+            log.info("draining", extra={"workerId": runtime.id, "active": runtime.active})
+            await runtime.stop(drain=True)
     finally:
         await bus.close()
 

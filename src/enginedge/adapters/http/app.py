@@ -358,6 +358,8 @@ async def metrics(request: Request, ctx: Ctx) -> Response:
     # The store being down must not hide the other series (/ready reports it).
     with contextlib.suppress(Exception):
         service.metrics.outbox_backlog.set(await ctx.store.outbox_backlog())
+        waiting = await ctx.store.waiting_by_worker_type()
+        service.metrics.set_queue_depth({t: 0 for t in report.workers} | waiting)
     return Response(service.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 

@@ -271,11 +271,16 @@ class SqlTransaction:
         )
 
     async def lock_in_flight(
-        self, worker_ids: Sequence[str] | None = None, limit: int = 1000
+        self,
+        worker_ids: Sequence[str] | None = None,
+        limit: int = 1000,
+        started_before: datetime | None = None,
     ) -> list[Request]:
         query = _request_select().where(t.requests.c.status.in_(_IN_FLIGHT)).limit(limit)
         if worker_ids is not None:
             query = query.where(t.requests.c.worker_id.in_(list(worker_ids)))
+        if started_before is not None:
+            query = query.where(t.requests.c.started_at < started_before)
         return await self._requests(self._locked(query, skip_locked=True))
 
     async def save_worker(self, worker: Worker) -> None:
@@ -354,6 +359,18 @@ class SqlStore:
     async def outbox_backlog(self) -> int:
         rows = await self._fetch(select(func.count()).select_from(t.outbox))
         return int(rows[0][0])
+
+    async def waiting_by_worker_type(self) -> dict[str, int]:
+        rows = await self._fetch(
+            select(t.requests.c.worker_type, func.count())
+            .where(
+                t.requests.c.status.in_(
+                    [RequestStatus.PENDING.value, RequestStatus.DISPATCHED.value]
+                )
+            )
+            .group_by(t.requests.c.worker_type)
+        )
+        return {row[0]: int(row[1]) for row in rows}
 
     async def ping(self) -> None:
         rows = await self._fetch(select(alembic_version.c.version_num))

@@ -52,10 +52,11 @@ def configure_logging(level: str = "info", stream: Any = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(LEVELS[level])
-    # Uvicorn's access log repeats what the metrics say, once per request: off below debug.
-    logging.getLogger("uvicorn.access").setLevel(
-        logging.DEBUG if level == "debug" else logging.WARNING
-    )
+    # Uvicorn's access log and httpx's per-call lines (the health checks) repeat what the
+    # metrics say, once per call: off below debug.
+    quiet = logging.DEBUG if level == "debug" else logging.WARNING
+    for name in ("uvicorn.access", "httpx", "httpcore"):
+        logging.getLogger(name).setLevel(quiet)
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True

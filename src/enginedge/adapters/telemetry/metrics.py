@@ -136,6 +136,12 @@ class PrometheusMetrics:
             ["worker_type", "status"],
             registry=r,
         )
+        self.queue_depth = Gauge(
+            "enginedge_queue_depth",
+            "Requests waiting for a worker to start them (PENDING or DISPATCHED); fleet-wide",
+            ["worker_type"],
+            registry=r,
+        )
         self.outbox_backlog = Gauge(
             "enginedge_outbox_backlog", "Outbox messages not yet published", registry=r
         )
@@ -181,6 +187,11 @@ class PrometheusMetrics:
             self.worker_health.labels(worker_type, "unhealthy").set(c["total"] - c["healthy"])
             healthy_total += c["healthy"]
         self.workers_active.set(healthy_total)
+
+    def set_queue_depth(self, waiting: dict[str, int]) -> None:
+        self.queue_depth.clear()
+        for worker_type, count in waiting.items():
+            self.queue_depth.labels(worker_type).set(count)
 
     def render(self) -> bytes:
         self.memory.set(self._process.memory_info().rss)
