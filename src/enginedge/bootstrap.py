@@ -6,6 +6,7 @@ Each backing service is chosen by its own variable (SPEC §1): ``DATABASE_URL`` 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -30,6 +31,7 @@ from enginedge.adapters.store.engine import PoolSettings, connect_with_retries, 
 from enginedge.adapters.store.migrate import head_revision, upgrade
 from enginedge.adapters.store.sql import SqlStore
 from enginedge.adapters.telemetry.metrics import PrometheusMetrics
+from enginedge.adapters.telemetry.tracing import DEFAULT_SERVICE, TracedBus, configure_tracing
 from enginedge.adapters.workers.probe import HttpWorkerProber
 from enginedge.application.context import Context, Policy
 from enginedge.application.inbox import ORCHESTRATOR_TOPICS
@@ -142,6 +144,13 @@ def create_cache(settings: Settings, store: SqlStore) -> CacheAdapters:
     )
 
 
+def _async(call: Callable[[], None]) -> Job:
+    async def run() -> None:
+        call()
+
+    return run
+
+
 class StartupError(RuntimeError):
     """The service cannot start; the message says why in one line, with no secret in it."""
 
@@ -174,14 +183,15 @@ async def preflight(settings: Settings) -> None:
 
 def build_service(settings: Settings, extra_workers: list[WorkerApp] | None = None) -> Service:
     """Wire the adapters that ``settings`` select into a :class:`Service`."""
+    tracing = configure_tracing(DEFAULT_SERVICE)
     engine = create_engine(settings.effective_database_url, pool_from(settings))
-    store = SqlStore(engine, head_revision())
+    store = SqlStore(engine, head_revision(), tracing)
     caches = create_cache(settings, store)
     metrics = PrometheusMetrics()
     prober = HttpWorkerProber()
     ctx = Context(
         store=store,
-        bus=create_bus(settings),
+        bus=TracedBus(create_bus(settings), tracing) if tracing.enabled else create_bus(settings),
         registry=caches.registry,
         events=caches.events,
         limiter=caches.limiter,
@@ -207,5 +217,6 @@ def build_service(settings: Settings, extra_workers: list[WorkerApp] | None = No
         worker_apps=[*builtin_worker_apps(settings), *(extra_workers or [])],
         heartbeat_interval=settings.worker_heartbeat_interval,
         health_check_interval=settings.health_check_interval,
-        closers=[*caches.closers, prober.close, engine.dispose],
+        closers=[*caches.closers, prober.close, engine.dispose, _async(tracing.shutdown)],
+        tracing=tracing,
     )

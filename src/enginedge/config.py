@@ -310,6 +310,27 @@ VARIABLES: tuple[Variable, ...] = (
         "directory of the embedded SQLite file and the generated API key",
     ),
     Variable(
+        "JAEGER_AGENT_HOST",
+        "jaeger_agent_host",
+        None,
+        str,
+        "send traces to this Jaeger host (OTLP/HTTP; the standard OTEL_* variables work too)",
+    ),
+    Variable(
+        "JAEGER_AGENT_PORT",
+        "jaeger_agent_port",
+        None,
+        _port,
+        "its port: 6831 (the guide's) means OTLP/HTTP on 4318; others are used as given",
+    ),
+    Variable(
+        "JAEGER_SERVICE_NAME",
+        "jaeger_service_name",
+        None,
+        str,
+        "service name on the traces (default main-hexagon)",
+    ),
+    Variable(
         "LLM_BASE_URL",
         "llm_base_url",
         None,
@@ -385,6 +406,9 @@ class Settings:
     database_url: str | None = None
     kafka_brokers: str | None = None
     kafka_partitions: int = 3
+    jaeger_agent_host: str | None = None
+    jaeger_agent_port: int | None = None
+    jaeger_service_name: str | None = None
     llm_base_url: str | None = None
     llm_api_key: str | None = None
     llm_model: str | None = None

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from enginedge.adapters.telemetry.metrics import PrometheusMetrics
+from enginedge.adapters.telemetry.tracing import Tracing
 from enginedge.application.context import Context
 from enginedge.application.fleet import check_worker_health
 from enginedge.application.inbox import ORCHESTRATOR_TOPICS, handle_message, send_to_dlq
@@ -21,7 +22,7 @@ from enginedge.application.maintenance import recover_in_flight, sweep
 from enginedge.application.outbox import relay_outbox
 from enginedge.application.ports import BusMessage, Subscription
 from enginedge.domain.errors import ServiceUnavailable
-from enginedge.domain.messages import ORCHESTRATOR_GROUP
+from enginedge.domain.messages import ORCHESTRATOR_GROUP, RESULTS_TOPIC
 from enginedge.worker import WorkerApp, WorkerRuntime
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class Service:
     heartbeat_interval: float = 5.0
     health_check_interval: float = 30.0
     closers: list[Job] = field(default_factory=list)
+    tracing: Tracing = field(default_factory=Tracing)
     workers: list[WorkerRuntime] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -81,7 +83,9 @@ class Service:
         subscription = await self.ctx.bus.subscribe(ORCHESTRATOR_TOPICS, ORCHESTRATOR_GROUP)
         self._consumer = asyncio.create_task(self._consume(subscription), name="consumer")
         for app in self.worker_apps:
-            runtime = WorkerRuntime(app, self.ctx.bus, heartbeat_interval=self.heartbeat_interval)
+            runtime = WorkerRuntime(
+                app, self.ctx.bus, heartbeat_interval=self.heartbeat_interval, tracing=self.tracing
+            )
             await runtime.start()
             self.workers.append(runtime)
         await self._wait_for_registration()
@@ -188,7 +192,19 @@ class Service:
         attempt = 0
         while attempt < MAX_HANDLING_TRIES:
             try:
-                await handle_message(self.ctx, message)
+                # Results join their request's trace; heartbeats would only add noise.
+                span = (
+                    self.tracing.span(
+                        f"record {message.topic}",
+                        message.headers.get("traceparent"),
+                        kind="consumer",
+                        attributes={"messaging.message.id": message.key},
+                    )
+                    if message.topic == RESULTS_TOPIC
+                    else contextlib.nullcontext()
+                )
+                with span:
+                    await handle_message(self.ctx, message)
                 return
             except ServiceUnavailable as exc:
                 # The store is down: wait for it however long it takes; skipping the

@@ -22,6 +22,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
+from tests.support.otlp import otlp_receiver
 from tests.support.servers import (
     Restartable,
     free_port,
@@ -433,3 +434,43 @@ async def test_ready_follows_each_backing_service(tmp_path: Path, http: httpx.As
                     raise AssertionError(f"/ready did not recover after {component}")
         finally:
             cluster.stop_all()
+
+
+async def test_one_request_is_one_trace_across_processes(
+    cluster: Cluster, http: httpx.AsyncClient
+) -> None:
+    async with otlp_receiver() as receiver:
+        cluster.extra_env.update(
+            OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url, OTEL_BSP_SCHEDULE_DELAY="100"
+        )
+        a = cluster.start_replica()
+        cluster.start_worker()
+        cluster.wait_for_workers(a, 1)
+        caller = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        response = await http.post(
+            f"{a}/api/orchestrate",
+            headers={**H, "traceparent": caller},
+            json={"taskType": "data.sql", "payload": sql_payload(1)},
+        )
+        rid = response.json()["requestId"]
+        assert (await asyncio.wait_for(sse_terminal(http, a, rid), 30))["status"] == "COMPLETED"
+        wanted = {
+            ("main-hexagon", "POST /api/orchestrate"),
+            ("main-hexagon", "db.transaction"),
+            ("main-hexagon", "publish worker.data-processing.requests"),
+            ("enginedge-worker-data-processing", "process data.sql"),
+            ("enginedge-worker-data-processing", "publish worker.results"),
+            ("main-hexagon", "record worker.results"),
+        }
+        for _ in range(100):
+            trace = [s for s in receiver.spans if s.trace_id == caller[3:35]]
+            if wanted <= {(s.service, s.name) for s in trace}:
+                break
+            await asyncio.sleep(0.1)
+        assert wanted <= {(s.service, s.name) for s in trace}, trace
+        by_id = {s.span_id: s for s in trace}
+        process = next(s for s in trace if s.name == "process data.sql")
+        # The worker's span hangs from the orchestrator's publish of its dispatch.
+        assert by_id[process.parent_id].name == "publish worker.data-processing.requests"
+        http_span = next(s for s in trace if s.name == "POST /api/orchestrate")
+        assert http_span.parent_id == caller[36:52]  # the caller's own span

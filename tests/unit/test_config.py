@@ -85,3 +85,21 @@ def test_a_development_key_is_generated_once_and_kept(tmp_path: Path) -> None:
     assert again == keys
     configured = load_settings({"API_KEYS": "0123456789", "ENGINEDGE_DATA_DIR": str(tmp_path)})
     assert ensure_api_keys(configured) == (["0123456789"], None)
+
+
+def test_tracing_is_off_unless_an_exporter_is_configured() -> None:
+    from enginedge.adapters.telemetry.tracing import configure_tracing, exporter_endpoint
+
+    assert exporter_endpoint({}) is None
+    assert not configure_tracing(environ={}).enabled
+    assert exporter_endpoint({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318/"}) == (
+        "http://c:4318/v1/traces"
+    )
+    # The guide's Jaeger agent variables map onto Jaeger's OTLP/HTTP receiver.
+    assert (
+        exporter_endpoint({"JAEGER_AGENT_HOST": "jaeger-agent", "JAEGER_AGENT_PORT": "6831"})
+        == "http://jaeger-agent:4318/v1/traces"
+    )
+    assert exporter_endpoint({"JAEGER_AGENT_HOST": "j", "OTEL_SDK_DISABLED": "true"}) is None
+    with pytest.raises(ConfigError, match="JAEGER_AGENT_PORT"):
+        load_settings({"JAEGER_AGENT_PORT": "not-a-port"})

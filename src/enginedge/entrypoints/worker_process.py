@@ -8,6 +8,7 @@ import signal
 import socket
 
 from enginedge.adapters.bus.kafka import KafkaBus
+from enginedge.adapters.telemetry.tracing import TracedBus, configure_tracing
 from enginedge.bootstrap import kafka_settings
 from enginedge.config import ConfigError, Settings
 from enginedge.domain.messages import (
@@ -31,7 +32,9 @@ async def run_worker(app: WorkerApp, settings: Settings, worker_id: str | None =
             "enginedge worker needs KAFKA_BROKERS; in embedded mode the built-in workers run "
             "inside `enginedge serve`"
         )
-    bus = KafkaBus(kafka_settings(settings))
+    tracing = configure_tracing(f"enginedge-worker-{app.type}")
+    kafka = KafkaBus(kafka_settings(settings))
+    bus = TracedBus(kafka, tracing)
     topics = [requests_topic(app.type), RESULTS_TOPIC, HEARTBEATS_TOPIC, CONTROL_TOPIC]
     host = settings.worker_advertised_host or socket.gethostname()
     runtime = WorkerRuntime(
@@ -40,13 +43,14 @@ async def run_worker(app: WorkerApp, settings: Settings, worker_id: str | None =
         worker_id=worker_id,
         endpoint=f"http://{host}:{settings.worker_health_port}",
         heartbeat_interval=settings.worker_heartbeat_interval,
+        tracing=tracing,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await _prepare(bus, [*topics, *map(dlq_topic, topics)], stop)
+        await _prepare(kafka, [*topics, *map(dlq_topic, topics)], stop)
         if stop.is_set():
             return
         # Its own /health first: the orchestrator checks it from the first heartbeat on.
@@ -57,6 +61,7 @@ async def run_worker(app: WorkerApp, settings: Settings, worker_id: str | None =
             await runtime.stop(drain=True)
     finally:
         await bus.close()
+        tracing.shutdown()
 
 
 async def _prepare(bus: KafkaBus, topics: list[str], stop: asyncio.Event) -> None:

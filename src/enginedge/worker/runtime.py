@@ -16,6 +16,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from enginedge.adapters.telemetry.tracing import Tracing
 from enginedge.application.ports import BusMessage, MessageBus, Subscription
 from enginedge.domain.messages import (
     CONTROL_TOPIC,
@@ -66,6 +67,7 @@ class WorkerRuntime:
         poll_timeout: float = 0.5,
         drain_timeout: float = 30.0,
         clock: Callable[[], datetime] = _now,
+        tracing: Tracing | None = None,
     ) -> None:
         self.app = app
         self.bus = bus
@@ -75,6 +77,7 @@ class WorkerRuntime:
         self.poll_timeout = poll_timeout
         self.drain_timeout = drain_timeout
         self._clock = clock
+        self._tracing = tracing or Tracing()
         self._running: dict[uuid.UUID, _Running] = {}
         self._slot_freed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -224,6 +227,22 @@ class WorkerRuntime:
         self.max_active = max(self.max_active, self.active)
 
     async def _run(self, task: Task, headers: Any) -> None:
+        # The handling is a span of the request's trace; what it sends on carries the span.
+        with self._tracing.span(
+            f"process {task.task_type}",
+            headers.get("traceparent"),
+            kind="consumer",
+            attributes={
+                "enginedge.request_id": str(task.request_id),
+                "enginedge.attempt": task.attempt,
+                "enginedge.worker_type": self.app.type,
+            },
+        ) as traceparent:
+            if traceparent:
+                headers = {**headers, "traceparent": traceparent}
+            await self._handle(task, headers)
+
+    async def _handle(self, task: Task, headers: Any) -> None:
         running = self._running[task.request_id]
         started = time.perf_counter()
 

@@ -29,6 +29,7 @@ from enginedge.adapters.http.schemas import (
     WorkerList,
     WorkerView,
 )
+from enginedge.adapters.telemetry.tracing import TracingMiddleware, current_traceparent
 from enginedge.application import requests as use
 from enginedge.application.context import Context
 from enginedge.application.events import status_event
@@ -114,7 +115,8 @@ async def orchestrate(
             metadata=body.metadata or {},
             caller=caller,
             idempotency_key=idempotency_key,
-            traceparent=traceparent,
+            # The HTTP span's context when tracing, so the whole trace hangs from it.
+            traceparent=current_traceparent() or traceparent,
         ),
     )
     if not submission.created:
@@ -382,6 +384,7 @@ def create_app(service: Service, keys: list[str], max_body_bytes: int) -> FastAP
         lifespan=lifespan,
     )
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+    app.add_middleware(TracingMiddleware, tracing=service.tracing)
     app.state.service = service
     app.state.keys = KeyChecker(keys)
     install_error_handlers(app)

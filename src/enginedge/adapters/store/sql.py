@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from enginedge.adapters.store import tables as t
 from enginedge.adapters.store.migrate import alembic_version
+from enginedge.adapters.telemetry.tracing import Tracing
 from enginedge.application.ports import IdempotencyKeyTaken, OutboxMessage, RequestQuery
 from enginedge.domain.errors import ServiceUnavailable
 from enginedge.domain.model import (
@@ -311,13 +312,21 @@ class SqlTransaction:
 class SqlStore:
     """A :class:`~enginedge.application.ports.RequestStore` over an async engine."""
 
-    def __init__(self, engine: AsyncEngine, head_revision: str) -> None:
+    def __init__(
+        self, engine: AsyncEngine, head_revision: str, tracing: Tracing | None = None
+    ) -> None:
         self.engine = engine
         self._head = head_revision
+        self._tracing = tracing or Tracing()
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[SqlTransaction]:
-        with unavailable_on_error():
+        with (
+            self._tracing.span(
+                "db.transaction", attributes={"db.system": self.engine.dialect.name}
+            ),
+            unavailable_on_error(),
+        ):
             async with self.engine.begin() as conn:
                 yield SqlTransaction(conn)
 
