@@ -282,6 +282,8 @@ class WorkerRuntime:
                     "requestId": str(task.request_id),
                     "workerType": self.app.type,
                     "processingTime": elapsed,
+                    "correlationId": headers.get("correlation-id"),
+                    "workerId": self.id,
                 },
             )
         finally:
