@@ -474,3 +474,41 @@ async def test_one_request_is_one_trace_across_processes(
         assert by_id[process.parent_id].name == "publish worker.data-processing.requests"
         http_span = next(s for s in trace if s.name == "POST /api/orchestrate")
         assert http_span.parent_id == caller[36:52]  # the caller's own span
+
+
+async def test_sigterm_drains_a_worker_process_and_loses_nothing(
+    cluster: Cluster, http: httpx.AsyncClient
+) -> None:
+    a = cluster.start_replica()
+    cluster.start_worker(capacity=2)
+    cluster.wait_for_workers(a, 1)
+    slow = {
+        "sql": "SELECT count(*) AS n FROM range(1000000000) t(i) WHERE i % 7 = 3",
+        "tables": {"t": [{"a": 1}]},
+    }
+    ids = []
+    for _ in range(2):
+        response = await http.post(
+            f"{a}/api/orchestrate", headers=H, json={"taskType": "data.sql", "payload": slow}
+        )
+        ids.append(response.json()["requestId"])
+    for rid in ids:
+        for _ in range(200):
+            body = (await http.get(f"{a}/api/requests/{rid}", headers=H)).json()
+            if body["status"] == "PROCESSING":
+                break
+            await asyncio.sleep(0.05)
+        assert body["status"] == "PROCESSING", body
+    (worker,) = cluster.workers
+    worker.send_signal(signal.SIGTERM)  # mid-work
+    assert await asyncio.to_thread(worker.wait, 60) == 0
+    for rid in ids:
+        body = (await http.get(f"{a}/api/requests/{rid}", headers=H)).json()
+        for _ in range(100):
+            if body["status"] == "COMPLETED":
+                break
+            await asyncio.sleep(0.1)
+            body = (await http.get(f"{a}/api/requests/{rid}", headers=H)).json()
+        assert body["status"] == "COMPLETED", body
+        assert body["attempts"] == 1  # finished by the draining worker, not re-run
+        assert body["result"] == {"columns": ["n"], "rows": [[142857143]]}

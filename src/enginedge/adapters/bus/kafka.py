@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,7 @@ from enginedge.domain.errors import ServiceUnavailable
 log = logging.getLogger(__name__)
 
 WATCH_INTERVAL = 1.0
+REWIND_CHECK_INTERVAL = 1.0
 WATCH_TIMEOUT = 5.0
 
 
@@ -70,6 +72,7 @@ class KafkaSubscription:
         self._consumer: AIOKafkaConsumer | None = None
         self._epoch = bus.epoch
         self._paused = False
+        self._last_rewind_check = 0.0
 
     async def _ensure(self) -> AIOKafkaConsumer:
         if self._consumer is not None and self._epoch != self._bus.epoch:
@@ -115,6 +118,8 @@ class KafkaSubscription:
             consumer.resume(*consumer.assignment())
             self._paused = False
         records = await consumer.getmany(timeout_ms=int(timeout * 1000), max_records=max_messages)
+        if not records:
+            await self._rewind_past_the_end(consumer)
         return [
             BusMessage(
                 topic=m.topic,
@@ -125,6 +130,35 @@ class KafkaSubscription:
             for messages in records.values()
             for m in messages
         ]
+
+    async def _rewind_past_the_end(self, consumer: AIOKafkaConsumer) -> None:
+        """Read again from the start a partition whose position is past its high watermark.
+
+        That happens when a broker lost a log but kept (or was sent late) offsets committed
+        against it: a member that gets such a partition would wait past the end forever.
+        On a healthy log a position is never above the high watermark (Kafka answers
+        "offset out of range" instead), so this costs nothing there.
+        """
+        now = time.monotonic()
+        if now - self._last_rewind_check < REWIND_CHECK_INTERVAL:
+            return
+        self._last_rewind_check = now
+        for partition in consumer.assignment():
+            high = consumer.highwater(partition)
+            if high is None:
+                continue
+            position = await consumer.position(partition)
+            if position > high:
+                log.warning(
+                    "consumer position past the end of the log; reading it again",
+                    extra={
+                        "topic": partition.topic,
+                        "partition": partition.partition,
+                        "position": position,
+                        "highWatermark": high,
+                    },
+                )
+                await consumer.seek_to_beginning(partition)
 
     async def commit(self) -> None:
         if self._consumer is None:
