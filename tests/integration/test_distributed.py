@@ -166,7 +166,10 @@ async def produce(brokers: str, topic: str, value: bytes) -> None:
         await producer.stop()
 
 
-async def read_topic(brokers: str, topic: str, timeout: float = 20) -> list[dict[str, Any]]:
+async def read_topic(
+    brokers: str, topic: str, expected: int, timeout: float = 30
+) -> list[dict[str, Any]]:
+    """The messages of ``topic``, read until ``expected`` have come (or the timeout)."""
     consumer = AIOKafkaConsumer(
         topic,
         bootstrap_servers=brokers,
@@ -178,7 +181,7 @@ async def read_topic(brokers: str, topic: str, timeout: float = 20) -> list[dict
     try:
         found: list[dict[str, Any]] = []
         deadline = time.monotonic() + timeout
-        while not found and time.monotonic() < deadline:
+        while len(found) < expected and time.monotonic() < deadline:
             records = await consumer.getmany(timeout_ms=500)
             for messages in records.values():
                 found += [orjson.loads(m.value) for m in messages]
@@ -289,7 +292,7 @@ async def test_two_replicas_two_workers_a_thousand_requests(
         expected = ids[str(row["id"])] + 1000
         assert orjson.loads(row["result"]) == {"columns": ["s"], "rows": [[expected]]}
 
-    dead = await read_topic(cluster.brokers, "worker.results.dlq")
+    dead = await read_topic(cluster.brokers, "worker.results.dlq", expected=2)
     reasons = " ".join(d["error"] for d in dead)
     assert "not JSON" in reasons, dead
     assert "unknown request" in reasons, dead
