@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 
 WATCH_INTERVAL = 1.0
 REWIND_CHECK_INTERVAL = 1.0
+# After the broker answers again, for this long, a consumer idle for POST_OUTAGE_IDLE seconds
+# is replaced (see KafkaSubscription.next_batch).
+POST_OUTAGE_WINDOW = 180.0
+POST_OUTAGE_IDLE = 12.0
 WATCH_TIMEOUT = 5.0
 
 
@@ -73,6 +77,8 @@ class KafkaSubscription:
         self._epoch = bus.epoch
         self._paused = False
         self._last_rewind_check = 0.0
+        self._last_message = 0.0
+        self._started = 0.0
 
     async def _ensure(self) -> AIOKafkaConsumer:
         if self._consumer is not None and self._epoch != self._bus.epoch:
@@ -103,6 +109,7 @@ class KafkaSubscription:
                 raise
             self._consumer = consumer
             self._paused = False
+            self._started = time.monotonic()
         return self._consumer
 
     async def next_batch(self, max_messages: int, timeout: float) -> list[BusMessage]:
@@ -118,8 +125,23 @@ class KafkaSubscription:
             consumer.resume(*consumer.assignment())
             self._paused = False
         records = await consumer.getmany(timeout_ms=int(timeout * 1000), max_records=max_messages)
-        if not records:
+        now = time.monotonic()
+        if records:
+            self._last_message = now
+        else:
             await self._rewind_past_the_end(consumer)
+            if (
+                now - self._bus.recovered_at < POST_OUTAGE_WINDOW
+                and now - max(self._last_message, self._started) > POST_OUTAGE_IDLE
+            ):
+                # Quiet for a while right after an outage: a consumer that lived through the
+                # rebalances of a recovering broker can be left fetching nothing; a fresh one
+                # starts from the committed offsets. Never done in steady state.
+                log.info(
+                    "replacing a consumer that stayed idle after a broker outage",
+                    extra={"group": self._group},
+                )
+                await self.close()
         return [
             BusMessage(
                 topic=m.topic,
@@ -188,6 +210,7 @@ class KafkaBus:
         # Incremented each time the broker answers again after failing: consumers created
         # before are replaced (see the module's docstring).
         self.epoch = 0
+        self.recovered_at = -POST_OUTAGE_WINDOW  # monotonic time the broker last came back
         self._failing = False
         self._producer: AIOKafkaProducer | None = None
         self._lock = asyncio.Lock()
@@ -203,6 +226,7 @@ class KafkaBus:
         if self._failing:
             self._failing = False
             self.epoch += 1
+            self.recovered_at = time.monotonic()
             log.info("Kafka answers again", extra={"epoch": self.epoch})
 
     async def _ensure_producer(self) -> AIOKafkaProducer:
