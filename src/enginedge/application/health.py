@@ -55,17 +55,23 @@ async def check_components(ctx: Context) -> dict[str, ComponentHealth]:
     return {"database": store, "messageBus": bus, "cache": cache}
 
 
-async def health(ctx: Context) -> HealthReport:
-    """Components plus, per worker type, how many workers are healthy out of how many."""
-    report = HealthReport(components=await check_components(ctx))
+async def fleet_counts(ctx: Context) -> dict[str, dict[str, int]]:
+    """Per worker type, how many workers are healthy out of how many (empty if the registry
+    cannot be read within the probe timeout: the fleet is then unknown)."""
     now = ctx.clock.now()
     try:
         workers = await asyncio.wait_for(ctx.registry.all(), ctx.policy.probe_timeout)
-    except Exception:  # the cache is reported down above; the fleet is then unknown
+    except Exception:
         workers = []
+    counts: dict[str, dict[str, int]] = {}
     for worker in workers:
-        counts = report.workers.setdefault(worker.type, {"healthy": 0, "total": 0})
-        counts["total"] += 1
+        of_type = counts.setdefault(worker.type, {"healthy": 0, "total": 0})
+        of_type["total"] += 1
         if worker.effective_status(now, ctx.policy.heartbeat_ttl) is WorkerStatus.HEALTHY:
-            counts["healthy"] += 1
-    return report
+            of_type["healthy"] += 1
+    return counts
+
+
+async def health(ctx: Context) -> HealthReport:
+    """Components plus, per worker type, how many workers are healthy out of how many."""
+    return HealthReport(components=await check_components(ctx), workers=await fleet_counts(ctx))

@@ -211,8 +211,6 @@ class EventStream(Protocol):
         after each ``idle_timeout`` seconds without one."""
         ...
 
-    async def forget(self, request_id: uuid.UUID) -> None: ...
-
 
 class RateLimiter(Protocol):
     async def hit(self, key: str, limit: int, window_seconds: int, now: datetime) -> int | None:

@@ -81,10 +81,6 @@ class InProcessBus:
                 state.queue.put_nowait(message)
         return InProcessSubscription(state)
 
-    def unclaimed(self, topic: str) -> list[BusMessage]:
-        """Messages of a topic no group consumes (e.g. a dead-letter queue)."""
-        return list(self._unclaimed.get(topic, ()))
-
     async def prepare(self, topics: Sequence[str]) -> None:
         """Nothing to create: topics exist as soon as they are used."""
 

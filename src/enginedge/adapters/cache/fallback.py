@@ -128,11 +128,6 @@ class FallbackEvents(_Fallback):
                 async for event in stream:
                     yield event
 
-    async def forget(self, request_id: uuid.UUID) -> None:
-        await self._try(
-            lambda: self._primary.forget(request_id), lambda: self._fallback.forget(request_id)
-        )
-
 
 class FallbackLimiter(_Fallback):
     def __init__(self, primary: RateLimiter, fallback: RateLimiter) -> None:

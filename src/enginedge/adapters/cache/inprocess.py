@@ -80,9 +80,6 @@ class InProcessEventStream:
             except TimeoutError:
                 yield None
 
-    async def forget(self, request_id: uuid.UUID) -> None:
-        self._drop(request_id)
-
 
 def _position(after: str | None) -> int:
     """Event ids here are 1, 2, 3...: the id of an event is the count of events up to it."""

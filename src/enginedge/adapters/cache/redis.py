@@ -209,9 +209,6 @@ class RedisEventStream:
                     last = _text(entry_id)
                     yield self._event(request_id, entry_id, fields)
 
-    async def forget(self, request_id: uuid.UUID) -> None:
-        await self._r.delete(self._key(request_id))
-
 
 class RedisRateLimiter:
     """Fixed windows shared by every replica."""

@@ -33,7 +33,7 @@ from enginedge.adapters.telemetry.tracing import TracingMiddleware, current_trac
 from enginedge.application import requests as use
 from enginedge.application.context import Context
 from enginedge.application.events import status_event
-from enginedge.application.health import check_components, health
+from enginedge.application.health import check_components, fleet_counts, health
 from enginedge.application.ports import RequestQuery
 from enginedge.domain.errors import InvalidPayload, RequestNotFound, WorkerNotFound
 from enginedge.domain.model import RequestEvent, RequestStatus
@@ -355,13 +355,14 @@ async def health_view(request: Request, ctx: Ctx, response: Response) -> HealthV
 async def metrics(request: Request, ctx: Ctx) -> Response:
     """Prometheus text format."""
     service: Service = request.app.state.service
-    report = await health(ctx)
-    service.metrics.set_fleet(report.workers)
+    # Only the fleet counts: a scrape need not probe every backing service (/ready does).
+    fleet = await fleet_counts(ctx)
+    service.metrics.set_fleet(fleet)
     # The store being down must not hide the other series (/ready reports it).
     with contextlib.suppress(Exception):
         service.metrics.outbox_backlog.set(await ctx.store.outbox_backlog())
         waiting = await ctx.store.waiting_by_worker_type()
-        service.metrics.set_queue_depth({t: 0 for t in report.workers} | waiting)
+        service.metrics.set_queue_depth({t: 0 for t in fleet} | waiting)
     return Response(service.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
