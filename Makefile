@@ -4,8 +4,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TSTAMP := $(VENV)/.installed-test
+DSTAMP := $(VENV)/.installed-deploy-lint
 
-.PHONY: run test lint unit install install-test servers clean
+.PHONY: run test lint lint-deploy unit install install-test install-deploy-lint servers clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +22,12 @@ install: $(STAMP)
 
 install-test: $(TSTAMP)
 
+$(DSTAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[deploy-lint]'
+	touch $@
+
+install-deploy-lint: $(DSTAMP)
+
 ## Start the service on its embedded defaults (SQLite, in-process bus, built-in worker).
 run: install
 	$(BIN)/enginedge serve
@@ -32,11 +39,15 @@ lint: install-test
 	$(BIN)/ruff check src tests
 	$(BIN)/mypy
 
+## Offline checks of the Dockerfile, compose file, Kubernetes manifests and Helm chart.
+lint-deploy: install-deploy-lint
+	VENV_BIN=$(BIN) ./scripts/lint-deploy.sh
+
 unit: install-test
 	$(BIN)/pytest tests/unit -q
 
 ## Install everything, then lint, type-check and run the whole suite against real servers.
-test: servers lint
+test: servers lint lint-deploy
 	$(BIN)/pytest -q
 
 clean:
