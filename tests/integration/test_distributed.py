@@ -119,6 +119,14 @@ class Cluster:
             time.sleep(0.1)
         raise AssertionError(f"fewer than {count} healthy workers: {items}")
 
+    def log_tails(self, lines: int = 15) -> str:
+        """The last lines of every process's log, for an assertion message."""
+        parts = []
+        for path in sorted(self.tmp.glob("*.log")):
+            tail = path.read_text(errors="replace").splitlines()[-lines:]
+            parts.append(f"--- {path.name}\n" + "\n".join(line[:300] for line in tail))
+        return "\n".join(parts)
+
     def stop_all(self) -> list[int]:
         codes = [stop_process(p) for p in self.workers]
         codes += [stop_process(p) for p, _ in self.replicas]
@@ -276,7 +284,7 @@ async def test_two_replicas_two_workers_a_thousand_requests(
             break
         assert not set(counts) & {"FAILED", "TIMEOUT", "CANCELLED"}, counts
         await asyncio.sleep(0.5)
-    assert counts == {"COMPLETED": 1000}, counts
+    assert counts == {"COMPLETED": 1000}, f"{counts}\n{cluster.log_tails()}"
 
     conn = await asyncpg.connect(cluster.database_url)
     try:

@@ -4,11 +4,11 @@ Producers and consumers connect lazily and reconnect by themselves, so that a se
 broker is down starts, reports not-ready, and catches up when the broker returns. Offsets are
 committed only when the caller says its batch is processed (at-least-once).
 
-After an outage every consumer is replaced by a fresh one. A consumer that lived through a
-broker restart keeps in-memory fetch positions and group state that the broker may have lost
-(a broker keeping its log in memory, a recreated topic) and can wait past the end of the new
-log forever; a fresh consumer starts from the committed offsets, or the beginning. The cost
-is some redelivery, which the orchestrator and the workers treat as duplicates.
+A consumer lives as long as its subscription: aiokafka rejoins the group and refetches the
+committed offsets by itself after a broker outage. Replacing consumers after an outage was
+tried and made things worse: every new member costs the whole group a rebalance, and a
+group that keeps rebalancing fetches nothing. The one thing aiokafka does not mend is a
+position past the end of a log that a broker lost (see ``_rewind_past_the_end``).
 """
 
 from __future__ import annotations
@@ -32,10 +32,6 @@ log = logging.getLogger(__name__)
 
 WATCH_INTERVAL = 1.0
 REWIND_CHECK_INTERVAL = 1.0
-# After the broker answers again, for this long, a consumer idle for POST_OUTAGE_IDLE seconds
-# is replaced (see KafkaSubscription.next_batch).
-POST_OUTAGE_WINDOW = 180.0
-POST_OUTAGE_IDLE = 12.0
 WATCH_TIMEOUT = 5.0
 
 
@@ -67,28 +63,18 @@ def _headers(message: BusMessage) -> list[tuple[str, bytes]]:
 
 
 class KafkaSubscription:
-    """One consumer in a consumer group; started on first use, replaced after an outage."""
+    """One consumer in a consumer group, started on first use."""
 
     def __init__(self, bus: KafkaBus, topics: Sequence[str], group: str) -> None:
         self._bus = bus
         self._topics = list(topics)
         self._group = group
         self._consumer: AIOKafkaConsumer | None = None
-        self._epoch = bus.epoch
         self._paused = False
         self._last_rewind_check = 0.0
-        self._last_message = 0.0
-        self._started = 0.0
 
     async def _ensure(self) -> AIOKafkaConsumer:
-        if self._consumer is not None and self._epoch != self._bus.epoch:
-            log.info(
-                "replacing the consumer after a broker outage",
-                extra={"group": self._group, "topics": self._topics},
-            )
-            await self.close()
         if self._consumer is None:
-            self._epoch = self._bus.epoch
             consumer = AIOKafkaConsumer(
                 *self._topics,
                 group_id=self._group,
@@ -109,39 +95,18 @@ class KafkaSubscription:
                 raise
             self._consumer = consumer
             self._paused = False
-            self._started = time.monotonic()
         return self._consumer
 
     async def next_batch(self, max_messages: int, timeout: float) -> list[BusMessage]:
         consumer = await self._ensure()
+        await self._rewind_past_the_end(consumer)
         if max_messages <= 0:
-            assigned = consumer.assignment()
-            if assigned:
-                consumer.pause(*assigned)
-                self._paused = True
-            await consumer.getmany(timeout_ms=int(timeout * 1000))
+            await self._idle(consumer, timeout)
             return []
         if self._paused:
             consumer.resume(*consumer.assignment())
             self._paused = False
         records = await consumer.getmany(timeout_ms=int(timeout * 1000), max_records=max_messages)
-        now = time.monotonic()
-        if records:
-            self._last_message = now
-        else:
-            await self._rewind_past_the_end(consumer)
-            if (
-                now - self._bus.recovered_at < POST_OUTAGE_WINDOW
-                and now - max(self._last_message, self._started) > POST_OUTAGE_IDLE
-            ):
-                # Quiet for a while right after an outage: a consumer that lived through the
-                # rebalances of a recovering broker can be left fetching nothing; a fresh one
-                # starts from the committed offsets. Never done in steady state.
-                log.info(
-                    "replacing a consumer that stayed idle after a broker outage",
-                    extra={"group": self._group},
-                )
-                await self.close()
         return [
             BusMessage(
                 topic=m.topic,
@@ -152,6 +117,19 @@ class KafkaSubscription:
             for messages in records.values()
             for m in messages
         ]
+
+    async def _idle(self, consumer: AIOKafkaConsumer, timeout: float) -> None:
+        """Poll without taking anything, so the member stays in its group while full."""
+        assigned = consumer.assignment()
+        if assigned:
+            consumer.pause(*assigned)
+            self._paused = True
+        records = await consumer.getmany(timeout_ms=int(timeout * 1000))
+        # A rebalance during the poll brings partitions that are not paused, and their
+        # records come back here: put the positions back so that nothing is skipped.
+        for partition, messages in records.items():
+            if messages:
+                consumer.seek(partition, messages[0].offset)
 
     async def _rewind_past_the_end(self, consumer: AIOKafkaConsumer) -> None:
         """Read again from the start a partition whose position is past its high watermark.
@@ -169,7 +147,11 @@ class KafkaSubscription:
             high = consumer.highwater(partition)
             if high is None:
                 continue
-            position = await consumer.position(partition)
+            try:
+                # Local once the partition has a position; bounded in case it has none yet.
+                position = await asyncio.wait_for(consumer.position(partition), 1.0)
+            except (TimeoutError, KafkaError):
+                continue
             if position > high:
                 log.warning(
                     "consumer position past the end of the log; reading it again",
@@ -185,13 +167,9 @@ class KafkaSubscription:
     async def commit(self) -> None:
         if self._consumer is None:
             return
-        try:
-            await self._consumer.commit()
-        except KafkaError:
-            # The group moved on without this member (a rebalance, a broker that forgot the
-            # group): start afresh; the uncommitted messages come again.
-            await self.close()
-            raise
+        # A failure (the group rebalanced, the broker forgot it) is the caller's to log:
+        # aiokafka rejoins by itself and the uncommitted messages come again.
+        await self._consumer.commit()
 
     async def close(self) -> None:
         if self._consumer is not None:
@@ -207,10 +185,6 @@ class KafkaBus:
 
     def __init__(self, settings: KafkaSettings) -> None:
         self.settings = settings
-        # Incremented each time the broker answers again after failing: consumers created
-        # before are replaced (see the module's docstring).
-        self.epoch = 0
-        self.recovered_at = -POST_OUTAGE_WINDOW  # monotonic time the broker last came back
         self._failing = False
         self._producer: AIOKafkaProducer | None = None
         self._lock = asyncio.Lock()
@@ -225,9 +199,7 @@ class KafkaBus:
     def _answered(self) -> None:
         if self._failing:
             self._failing = False
-            self.epoch += 1
-            self.recovered_at = time.monotonic()
-            log.info("Kafka answers again", extra={"epoch": self.epoch})
+            log.info("Kafka answers again")
 
     async def _ensure_producer(self) -> AIOKafkaProducer:
         async with self._lock:
