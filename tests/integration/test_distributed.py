@@ -257,23 +257,6 @@ async def test_two_replicas_two_workers_a_thousand_requests(
     await asyncio.sleep(3)
     await asyncio.to_thread(cluster.broker.start)
     await outage
-    # A malformed message on the results topic goes to its DLQ; nothing else notices.
-    await produce(cluster.brokers, "worker.results", b"{not json")
-    await produce(
-        cluster.brokers,
-        "worker.results",
-        orjson.dumps(
-            {
-                "requestId": str(uuid.uuid4()),
-                "attempt": 1,
-                "workerId": str(uuid.uuid4()),
-                "kind": "completed",
-                "seq": 1,
-                "result": {},
-            }
-        ),
-    )
-
     await asyncio.gather(*(submit(i) for i in range(700, 1000)))
     assert len(ids) == 1000
 
@@ -300,6 +283,24 @@ async def test_two_replicas_two_workers_a_thousand_requests(
         expected = ids[str(row["id"])] + 1000
         assert orjson.loads(row["result"]) == {"columns": ["s"], "rows": [[expected]]}
 
+    # A malformed message on the results topic goes to its DLQ; nothing else notices. (Sent
+    # once the group has settled: the memory-only test broker lost its log in the restart,
+    # and offsets committed against the old log can skip what a new one holds at first.)
+    await produce(cluster.brokers, "worker.results", b"{not json")
+    await produce(
+        cluster.brokers,
+        "worker.results",
+        orjson.dumps(
+            {
+                "requestId": str(uuid.uuid4()),
+                "attempt": 1,
+                "workerId": str(uuid.uuid4()),
+                "kind": "completed",
+                "seq": 1,
+                "result": {},
+            }
+        ),
+    )
     dead = await read_topic(cluster.brokers, "worker.results.dlq", expected=2)
     reasons = " ".join(d["error"] for d in dead)
     assert "not JSON" in reasons, dead
