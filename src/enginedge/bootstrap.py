@@ -27,6 +27,7 @@ from enginedge.adapters.cache.inprocess import (
     InProcessRegistry,
     InProcessRequestCache,
 )
+from enginedge.adapters.store.console import SqlConsoleStore
 from enginedge.adapters.store.engine import PoolSettings, connect_with_retries, create_engine
 from enginedge.adapters.store.migrate import head_revision, upgrade
 from enginedge.adapters.store.sql import SqlStore
@@ -201,6 +202,7 @@ def build_service(settings: Settings, extra_workers: list[WorkerApp] | None = No
         clock=SystemClock(),
         policy=policy_from(settings),
         prober=prober,
+        console=SqlConsoleStore(engine),
     )
 
     async def prepare_store() -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from enginedge.adapters.telemetry.metrics import PrometheusMetrics
 from enginedge.adapters.telemetry.tracing import Tracing
+from enginedge.application.console import DEAD_LETTERS_GROUP, record_dead_letters
 from enginedge.application.context import Context
 from enginedge.application.fleet import check_worker_health
 from enginedge.application.inbox import ORCHESTRATOR_TOPICS, handle_message, send_to_dlq
@@ -155,6 +156,21 @@ class Service:
         self._spawn("relay", self._relay())
         self._spawn("sweeper", self._every(self.sweep_interval, self._sweep))
         self._spawn("worker-checks", self._every(self.health_check_interval, self._check))
+        self._spawn("dead-letters", self._record_dead_letters())
+
+    async def _record_dead_letters(self) -> None:
+        """Keep what lands on the dead-letter topics for the console; one consumer group for
+        every replica, so that each letter is kept once."""
+        topics = [t for t in self.topics if t.endswith(".dlq")]
+        if not topics or self.ctx.console is None:
+            return
+        subscriptions: list[Subscription] = []
+
+        async def subscribe() -> None:
+            subscriptions.append(await self.ctx.bus.subscribe(topics, DEAD_LETTERS_GROUP))
+
+        await retry_until_done("subscribing to the dead-letter topics", subscribe)
+        await record_dead_letters(self.ctx, subscriptions[0])
 
     async def _relay(self) -> None:
         failures = 0

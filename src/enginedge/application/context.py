@@ -10,6 +10,7 @@ from datetime import datetime, timedelta
 from enginedge.application.ports import (
     Cache,
     Clock,
+    ConsoleStore,
     EventStream,
     MessageBus,
     Metrics,
@@ -66,6 +67,8 @@ class Context:
     worker_persisted_at: dict[str, datetime] = field(default_factory=dict)
     # Running requests whose worker, though alive, stopped listing them, since when.
     unheld_since: dict[uuid.UUID, datetime] = field(default_factory=dict)
+    # Dead letters and recent timings for the operator console (None: no console data).
+    console: ConsoleStore | None = None
 
     def observe_duration(self, task_type: str, seconds: float) -> None:
         previous = self.durations.get(task_type)

@@ -257,3 +257,49 @@ class Metrics(Protocol):
     def result_ignored(self, reason: str) -> None: ...
 
     def dead_lettered(self, topic: str) -> None: ...
+
+
+# --------------------------------------------------------------------------- console
+
+
+@dataclass(frozen=True, slots=True)
+class RequestTiming:
+    """The timestamps of one request, enough to chart throughput, latency and queue depth."""
+
+    worker_type: str
+    status: RequestStatus
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A message that landed on a dead-letter topic, and why."""
+
+    id: str
+    topic: str
+    key: str
+    reason: str
+    failed_at: datetime
+    message: dict[str, object]
+    request_id: str | None = None
+
+
+class ConsoleStore(Protocol):
+    """What the operator console reads beyond the request store: kept in the SQL store, so
+    that every replica serves the same view."""
+
+    async def request_timings(self, since: datetime, limit: int) -> list[RequestTiming]:
+        """Requests that finished at or after ``since``, plus those not finished yet (at
+        most ``limit`` of each, newest first)."""
+        ...
+
+    async def add_dead_letter(self, letter: DeadLetter, keep_after: datetime) -> None:
+        """Keep ``letter`` (once: the same id again is ignored) and forget those that failed
+        before ``keep_after``."""
+        ...
+
+    async def dead_letters(self, limit: int) -> list[DeadLetter]:
+        """The most recent dead letters, newest first."""
+        ...

@@ -139,3 +139,18 @@ outbox = Table(
     Column("created_at", UTCDateTime, server_default=func.now()),
     Index("ix_outbox_available", "available_at", "id"),
 )
+
+# What landed on a dead-letter topic and why, for the operator console (migration 0002).
+dead_letters = Table(
+    "dead_letters",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("topic", String(255), nullable=False),
+    Column("key", String(255), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("failed_at", UTCDateTime, nullable=False),
+    Column("message", Json, nullable=False),
+    Column("request_id", String(64)),
+    Column("recorded_at", UTCDateTime, server_default=func.now()),
+    Index("ix_dead_letters_failed", "failed_at"),
+)
