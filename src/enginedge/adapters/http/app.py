@@ -16,6 +16,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from enginedge import __version__
 from enginedge.adapters.http.auth import KeyChecker, api_key_header, bearer, presented_key
+from enginedge.adapters.http.console import mount_console
 from enginedge.adapters.http.errors import install_error_handlers
 from enginedge.adapters.http.limits import BodySizeLimit
 from enginedge.adapters.http.schemas import (
@@ -391,6 +392,7 @@ def create_app(service: Service, keys: list[str], max_body_bytes: int) -> FastAP
     install_error_handlers(app)
     app.include_router(api)
     app.include_router(probes)
+    mount_console(app, Depends(authenticated), ERRORS)
 
     @app.get("/", include_in_schema=False)
     async def root() -> dict[str, str]:
