@@ -400,6 +400,76 @@ async def test_attempts_are_bounded_then_failed_with_the_reason(
         assert "lost" in final["error"] and "gave up after 2 attempts" in final["error"]
 
 
+# ------------------------------------------------------------------ lost dispatches
+
+
+class _LosingSubscription:
+    """A worker's view of a bus that lost the first dispatch it held (a broker that lost
+    its log): the message never reaches the worker."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.lost: list[str] = []
+
+    async def next_batch(self, max_messages: int, timeout: float) -> list[Any]:
+        batch = await self.inner.next_batch(max_messages, timeout)
+        if batch and not self.lost:
+            self.lost.append(batch[0].key)
+            batch = batch[1:]
+        return list(batch)
+
+    async def commit(self) -> None:
+        await self.inner.commit()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+def _unclaimed_republished(svc: Running) -> float:
+    return (
+        svc.service.metrics.registry.get_sample_value(
+            "enginedge_redispatches_total", {"reason": "unclaimed"}
+        )
+        or 0.0
+    )
+
+
+async def test_a_lost_dispatch_is_sent_again_once_its_workers_are_idle(
+    database_url: str, tmp_path: Path, probe: Probe
+) -> None:
+    settings = fast_settings(tmp_path, database_url, builtin_workers="none", dispatch_timeout=1.0)
+    async with run_service(settings, [worker_for_tests(probe, capacity=2)]) as svc:
+        (worker,) = svc.service.workers
+        losing = _LosingSubscription(worker._requests)
+        worker._requests = losing  # type: ignore[assignment]
+        await asyncio.sleep(worker.poll_timeout + 0.2)  # the poll under way ends
+        rid = (await svc.submit("test.echo", {"n": 1})).json()["requestId"]
+        final = await svc.wait_terminal(rid)
+        assert losing.lost == [rid]
+        assert final["status"] == "COMPLETED"
+        assert final["attempts"] == 1  # the same attempt, sent again: none used up
+        assert probe.completed == [rid]
+        assert _unclaimed_republished(svc) >= 1
+
+
+async def test_a_queued_dispatch_is_not_sent_again_while_its_worker_is_busy(
+    database_url: str, tmp_path: Path, probe: Probe
+) -> None:
+    settings = fast_settings(tmp_path, database_url, builtin_workers="none", dispatch_timeout=0.5)
+    async with run_service(settings, [worker_for_tests(probe, capacity=1)]) as svc:
+        busy = (await svc.submit("test.hang", {})).json()["requestId"]
+        await svc.wait_for(busy, lambda b: b["status"] == "PROCESSING")
+        queued = (await svc.submit("test.echo", {"n": 2})).json()["requestId"]
+        # Several dispatch timeouts pass while the only worker is full: the dispatch waits
+        # in the bus, and sending it again would only queue a duplicate.
+        await asyncio.sleep(2.5)
+        assert (await svc.get(queued))["status"] == "DISPATCHED"
+        assert _unclaimed_republished(svc) == 0
+        probe.release.set()
+        assert (await svc.wait_terminal(queued))["status"] == "COMPLETED"
+        assert probe.started.count(queued) == 1
+
+
 # ------------------------------------------------------------------ events (SSE)
 
 

@@ -104,6 +104,7 @@ async def record_heartbeat(ctx: Context, msg: HeartbeatMessage) -> Worker:
         in_flight=list(msg.in_flight),
         reason=msg.reason,
         check_error=previous.check_error if previous else None,
+        idle=msg.idle,
     )
     await ctx.registry.upsert(worker)
     persisted = ctx.worker_persisted_at.get(worker.id)

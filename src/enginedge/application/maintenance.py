@@ -61,26 +61,27 @@ async def sweep(ctx: Context) -> SweepReport:
 async def _republish_unclaimed(
     ctx: Context, alive: list[Worker], now: datetime, report: SweepReport
 ) -> None:
-    """Publish again dispatches that waited past the dispatch timeout while workers of
-    their type had free slots: then the message was lost (e.g. a broker that lost its log).
+    """Publish again dispatches that waited past the dispatch timeout while every healthy
+    worker of their type said it is idle: then nothing for that type is left to read, and
+    the message was lost (e.g. a broker that lost its log).
 
-    While the workers are all busy, a waiting dispatch is just queued, and sending it again
-    would only grow the queue; so at most as many are sent again as there are free slots.
-    Nothing is known against the request, so this is the same attempt, not a new one: it
-    uses up no attempt, and whichever copy a worker starts first wins.
+    While any of them is busy, a waiting dispatch may just be queued behind others, and
+    sending it again would only queue a duplicate. Nothing is known against the request, so
+    this is the same attempt, not a new one: whichever copy a worker starts first wins.
     """
-    free: dict[str, int] = {}
-    for worker in alive:
-        if worker.effective_status(now, ctx.policy.heartbeat_ttl) is WorkerStatus.HEALTHY:
-            free[worker.type] = free.get(worker.type, 0) + max(worker.capacity - worker.active, 0)
-    if not any(free.values()):
+    healthy = [
+        w
+        for w in alive
+        if w.effective_status(now, ctx.policy.heartbeat_ttl) is WorkerStatus.HEALTHY
+    ]
+    starving = {w.type for w in healthy} - {w.type for w in healthy if not w.idle}
+    if not starving:
         return
     async with ctx.store.transaction() as tx:
         republished = []
         for request in await tx.lock_unclaimed(now - ctx.policy.dispatch_timeout, BATCH):
-            if free.get(request.worker_type, 0) <= 0:
+            if request.worker_type not in starving:
                 continue
-            free[request.worker_type] -= 1
             request.republish(now)
             await tx.save_request(request)
             await tx.enqueue([dispatch_message(request)])

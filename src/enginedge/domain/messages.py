@@ -227,6 +227,8 @@ class HeartbeatMessage:
     ts: datetime
     in_flight: list[str] = field(default_factory=list)
     reason: str | None = None
+    # Free slots and nothing to read for a while: every dispatch meant for it has been read.
+    idle: bool = False
 
     def to_json(self) -> bytes:
         return encode(
@@ -241,6 +243,7 @@ class HeartbeatMessage:
                 "ts": self.ts.isoformat(),
                 "inFlight": self.in_flight,
                 **({"reason": self.reason} if self.reason else {}),
+                **({"idle": True} if self.idle else {}),
             }
         )
 
@@ -274,6 +277,7 @@ class HeartbeatMessage:
             ts=_timestamp(data, "ts"),
             in_flight=in_flight,
             reason=str(data["reason"])[:500] if data.get("reason") else None,
+            idle=data.get("idle") is True,
         )
 
 

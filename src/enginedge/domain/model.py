@@ -179,6 +179,8 @@ class Worker:
     in_flight: list[str] = field(default_factory=list)
     # Why the orchestrator's last active health check of ``endpoint`` failed (None: passed).
     check_error: str | None = None
+    # Its last heartbeat said: free slots, and nothing left to read.
+    idle: bool = False
 
     def effective_status(self, now: datetime, heartbeat_ttl: timedelta) -> WorkerStatus:
         """The status to route by: a worker whose heartbeats stopped, or whose health check

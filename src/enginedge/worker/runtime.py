@@ -12,6 +12,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -36,6 +37,8 @@ from enginedge.domain.messages import (
 from enginedge.worker.app import JSON, Task, TaskFailed, WorkerApp
 
 log = logging.getLogger(__name__)
+
+FINISHED_MEMORY = 10_000
 
 
 def _now() -> datetime:
@@ -87,6 +90,11 @@ class WorkerRuntime:
         self.reason: str | None = None
         self._unhealthy_until = 0.0
         self._last_poll = time.monotonic()
+        # Since when polls with free slots have brought nothing (None: not so now).
+        self._empty_since: float | None = None
+        # Dispatches this worker finished lately, by (request, attempt): a redelivery of one
+        # (a consumer that read its partition again) is not run twice.
+        self._finished: OrderedDict[tuple[uuid.UUID, int], None] = OrderedDict()
         self._requests: Subscription | None = None
         self._control: Subscription | None = None
         self.max_active = 0  # highest concurrency seen, for tests and the health endpoint
@@ -94,6 +102,14 @@ class WorkerRuntime:
     @property
     def active(self) -> int:
         return len(self._running)
+
+    @property
+    def idle(self) -> bool:
+        """Free slots, and polls have brought nothing for a while: every dispatch meant
+        for this worker has been read (what the orchestrator needs to tell a lost dispatch
+        from a queued one)."""
+        since = self._empty_since
+        return since is not None and time.monotonic() - since >= max(1.0, 2 * self.poll_timeout)
 
     async def start(self) -> None:
         """Announce the worker and start consuming."""
@@ -133,6 +149,7 @@ class WorkerRuntime:
             ts=self._clock(),
             reason=self.reason if self.status == "UNHEALTHY" else None,
             in_flight=[str(r) for r in self._running],
+            idle=self.idle,
         )
         headers = {"traceparent": new_traceparent(), "correlation-id": self.id}
         await self.bus.publish([BusMessage(HEARTBEATS_TOPIC, self.id, message.to_json(), headers)])
@@ -188,6 +205,7 @@ class WorkerRuntime:
             free = self.app.capacity - self.active if self.status == "HEALTHY" else 0
             try:
                 if free <= 0:
+                    self._empty_since = None
                     await self._requests.next_batch(0, 0)
                     self._slot_freed.clear()
                     with contextlib.suppress(TimeoutError):
@@ -198,6 +216,10 @@ class WorkerRuntime:
                 log.warning("cannot read dispatches; retrying", exc_info=True)
                 await asyncio.sleep(self.poll_timeout)
                 continue
+            if not batch:
+                self._empty_since = self._empty_since or time.monotonic()
+            else:
+                self._empty_since = None
             for message in batch:
                 await self._start(message)
             if batch:
@@ -212,8 +234,12 @@ class WorkerRuntime:
         except MalformedMessage as exc:
             await self._dead_letter(message, str(exc))
             return
-        if dispatch.request_id in self._running or dispatch.deadline <= self._clock():
-            return  # already running here (a redelivery), or too late to matter
+        if (
+            dispatch.request_id in self._running
+            or (dispatch.request_id, dispatch.attempt) in self._finished
+            or dispatch.deadline <= self._clock()
+        ):
+            return  # running or run here (a redelivery), or too late to matter
         task = Task(
             request_id=dispatch.request_id,
             attempt=dispatch.attempt,
@@ -254,6 +280,7 @@ class WorkerRuntime:
             await self._progress(task, running.seq, headers, chunk)
 
         task._report = report
+        reported = False
         try:
             await self._progress(task, 0, headers, None)  # "started"
             try:
@@ -271,11 +298,13 @@ class WorkerRuntime:
                 await self._outcome(
                     task, running.seq + 1, headers, error=error, processing_time=_ms(started)
                 )
+                reported = True
                 return
             elapsed = _ms(started)
             await self._outcome(
                 task, running.seq + 1, headers, result=result, processing_time=elapsed
             )
+            reported = True
             log.info(
                 "request processed",
                 extra={
@@ -288,6 +317,10 @@ class WorkerRuntime:
             )
         finally:
             self._running.pop(task.request_id, None)
+            if reported:
+                self._finished[(task.request_id, task.attempt)] = None
+                if len(self._finished) > FINISHED_MEMORY:
+                    self._finished.popitem(last=False)
             self._slot_freed.set()
 
     async def _call(self, task: Task) -> JSON:

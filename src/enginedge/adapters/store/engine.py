@@ -50,6 +50,9 @@ def sqlite_url(path: Path) -> str:
 def create_engine(database_url: str, pool: PoolSettings) -> AsyncEngine:
     url = async_url(database_url)
     if url.get_backend_name() == "sqlite":
+        if url.database and url.database != ":memory:":
+            # A first start with a new ENGINEDGE_DATA_DIR creates it.
+            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
         # One connection: SQLite has one writer at a time, and a single connection keeps
         # transactions serial without "database is locked" retries.
         engine = create_async_engine(
