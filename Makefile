@@ -6,7 +6,8 @@ STAMP  := $(VENV)/.installed
 TSTAMP := $(VENV)/.installed-test
 DSTAMP := $(VENV)/.installed-deploy-lint
 
-.PHONY: run test lint lint-deploy unit install install-test install-deploy-lint servers clean
+.PHONY: run test lint lint-deploy unit install install-test install-deploy-lint servers \
+        container-tools clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,11 +44,15 @@ lint: install-test
 lint-deploy: install-deploy-lint
 	VENV_BIN=$(BIN) ./scripts/lint-deploy.sh
 
+## tini, the image's init, for tests/deploy/test_container_like.py (as root, via apt-get).
+container-tools:
+	./scripts/ensure-tini.sh
+
 unit: install-test
 	$(BIN)/pytest tests/unit -q
 
 ## Install everything, then lint, type-check and run the whole suite against real servers.
-test: servers lint lint-deploy
+test: servers container-tools lint lint-deploy
 	$(BIN)/pytest -q
 
 clean:
