@@ -25,3 +25,15 @@ else
   echo "installing PostgreSQL binaries from PyPI (pgserver) into the virtual environment"
   "$venv_pip" install -q "pgserver==0.1.4"
 fi
+
+# Chromium for the console's browser tests (Playwright drives Debian's package; its own
+# browser download is not used). Without it, and not root, those tests skip and say why.
+if [ -x /usr/bin/chromium ] || [ -n "${TEST_CHROMIUM:-}" ]; then
+  echo "Chromium: present"
+elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "installing Chromium (Debian package chromium)"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+else
+  echo "Chromium missing and not root: the console's browser tests will be skipped"
+fi
