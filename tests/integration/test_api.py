@@ -400,6 +400,25 @@ async def test_attempts_are_bounded_then_failed_with_the_reason(
         assert "lost" in final["error"] and "gave up after 2 attempts" in final["error"]
 
 
+async def test_long_polling_answers_when_the_request_ends(svc: Running, probe: Probe) -> None:
+    rid = (await svc.submit("test.sleep", {"seconds": 0.4})).json()["requestId"]
+    response = await svc.client.get(f"/api/requests/{rid}", params={"wait": 10}, headers=H)
+    assert response.status_code == 200
+    assert response.json()["status"] == "COMPLETED"
+    assert response.json()["result"] == {"slept": 0.4}
+
+    hung = (await svc.submit("test.hang", {})).json()["requestId"]
+    await svc.wait_for(hung, lambda b: b["status"] == "PROCESSING")
+    started = asyncio.get_running_loop().time()
+    response = await svc.client.get(f"/api/requests/{hung}", params={"wait": 0.5}, headers=H)
+    assert response.json()["status"] == "PROCESSING"  # not over: answered after the wait
+    assert asyncio.get_running_loop().time() - started >= 0.45
+    bad = await svc.client.get(f"/api/requests/{hung}", params={"wait": 61}, headers=H)
+    assert bad.status_code == 422
+    assert bad.json()["error"]["code"] == "INVALID_REQUEST_PAYLOAD"
+    probe.release.set()
+
+
 # ------------------------------------------------------------------ lost dispatches
 
 
@@ -532,7 +551,7 @@ async def test_workers_registry(svc: Running) -> None:
     assert set(by_type) == {"data-processing", "testing"}
     data = by_type["data-processing"]
     assert data["status"] == "HEALTHY"
-    assert data["capabilities"] == ["data.describe", "data.sql"]
+    assert data["capabilities"] == ["data.describe", "data.sql", "echo"]
     assert data["capacity"] == 4
     one = await svc.client.get(f"/api/workers/{data['workerId']}", headers=H)
     assert one.json()["workerId"] == data["workerId"]

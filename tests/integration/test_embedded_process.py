@@ -229,3 +229,43 @@ def test_an_accepted_request_survives_a_crash_and_completes_after_restart(tmp_pa
         assert body["result"] == {"columns": ["n"], "rows": [[142857143]]}
     finally:
         assert stop_process(second.process) == 0  # SIGTERM: a clean exit
+
+
+def test_bench_short_form_reports_every_round_trip(tmp_path: Path) -> None:
+    """`enginedge bench` starts its own service, drives it and reports; no timing asserted."""
+    env = _env(tmp_path, free_port())
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "enginedge", "bench", "--requests", "60"),
+            *("--concurrency", "4", "--warmup", "5", "--json", "--log-dir", str(tmp_path / "logs")),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    report = orjson.loads(result.stdout)
+    assert (report["completed"], report["errors"], report["mode"]) == (60, 0, "embedded")
+    latency = report["latency_ms"]
+    assert 0 < latency["p50"] <= latency["p95"] <= latency["p99"] <= latency["max"]
+    assert report["throughput"] > 0
+    assert report["orchestrator_cpu_seconds"] > 0
+    assert report["orchestrator_peak_rss_mb"] > 10
+    assert (tmp_path / "logs" / "orchestrator.log").exists()
+
+
+def test_bench_refuses_distributed_mode_without_its_services(tmp_path: Path) -> None:
+    env = _env(tmp_path, free_port())
+    result = subprocess.run(
+        [sys.executable, "-m", "enginedge", "bench", "--mode", "distributed"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 3
+    assert "needs --database-url and --kafka-brokers" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import uuid
 from dataclasses import dataclass, field
@@ -19,11 +20,12 @@ from enginedge.domain.errors import (
     RequestNotFound,
 )
 from enginedge.domain.messages import new_traceparent, valid_traceparent
-from enginedge.domain.model import Request, Worker
+from enginedge.domain.model import TERMINAL_STATUSES, Request, Worker
 from enginedge.domain.routing import choose_worker
 from enginedge.domain.tasks import BUILTIN_TASKS, check_payload, check_task_type, parse_metadata
 
 MAX_PAGE = 500
+TERMINAL_NAMES = frozenset(s.value for s in TERMINAL_STATUSES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +125,23 @@ async def get_request(ctx: Context, request_id: uuid.UUID) -> Request:
     if request.terminal:
         await ctx.request_cache.put(request)
     return request
+
+
+async def wait_for_request(ctx: Context, request_id: uuid.UUID, timeout: float) -> Request:
+    """A request once it is terminal, or as it is after ``timeout`` seconds (long polling)."""
+    request = await get_request(ctx, request_id)
+    if request.terminal or timeout <= 0:
+        return request
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    # Following from the first event, so an outcome recorded since the read above is seen.
+    async with ctx.events.follow(request_id, None, idle_timeout=min(timeout, 1.0)) as events:
+        async for event in events:
+            if event is not None and event.data.get("status") in TERMINAL_NAMES:
+                break
+            if loop.time() >= deadline:
+                break
+    return await get_request(ctx, request_id)
 
 
 async def list_requests(ctx: Context, query: RequestQuery) -> tuple[list[Request], str | None]:

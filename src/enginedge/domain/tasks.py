@@ -174,7 +174,12 @@ class BuiltinTask:
     check: Callable[[Mapping[str, Any]], None]
 
 
+def _check_echo(payload: Mapping[str, Any]) -> None:
+    """Any object: the worker answers with it (a no-op, for benchmarks and smoke tests)."""
+
+
 BUILTIN_TASKS: dict[str, BuiltinTask] = {
+    "echo": BuiltinTask("data-processing", _check_echo),
     "data.sql": BuiltinTask("data-processing", _check_data_sql),
     "data.describe": BuiltinTask("data-processing", _check_data_describe),
     "llm.chat": BuiltinTask("llm", _check_llm_chat),

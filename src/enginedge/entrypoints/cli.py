@@ -163,6 +163,88 @@ def worker(
         _fail(str(exc), EXIT_USAGE)
 
 
+@app.command(
+    help="Measure round-trip throughput and latency through the HTTP API with the echo task. "
+    "Starts the orchestrator (and in distributed mode a worker process) itself, unless "
+    "--mode external drives a running service."
+)
+def bench(
+    mode: Annotated[
+        str, typer.Option(help="embedded, distributed (DATABASE_URL, KAFKA_BROKERS) or external")
+    ] = "embedded",
+    requests: Annotated[int, typer.Option(min=1, help="Round trips measured")] = 5000,
+    concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight")] = 64,
+    warmup: Annotated[int, typer.Option(min=0, help="Round trips before measuring")] = 200,
+    url: Annotated[str | None, typer.Option(help="external mode: the service's URL")] = None,
+    api_key: Annotated[str | None, typer.Option(help="external mode: an API key")] = None,
+    database_url: Annotated[
+        str | None, typer.Option(envvar="DATABASE_URL", help="distributed mode")
+    ] = None,
+    kafka_brokers: Annotated[
+        str | None, typer.Option(envvar="KAFKA_BROKERS", help="distributed mode")
+    ] = None,
+    redis_url: Annotated[
+        str | None, typer.Option(envvar="REDIS_URL", help="distributed mode")
+    ] = None,
+    log_dir: Annotated[
+        Path | None, typer.Option(help="Keep the started processes' logs here")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON")] = False,
+) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from enginedge.entrypoints.bench import BenchConfig, BenchError, run_bench
+
+    if mode not in ("embedded", "distributed", "external"):
+        _fail("--mode must be embedded, distributed or external", EXIT_USAGE)
+    config = BenchConfig(
+        mode=mode,  # type: ignore[arg-type]
+        requests=requests,
+        concurrency=concurrency,
+        warmup=warmup,
+        url=url,
+        api_key=api_key,
+        database_url=database_url,
+        kafka_brokers=kafka_brokers,
+        redis_url=redis_url,
+        log_dir=log_dir,
+    )
+    progress = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    )
+    try:
+        with progress:
+            task = progress.add_task(f"{mode}, {concurrency} in flight", total=requests)
+            report = run_bench(config, on_done=lambda: progress.advance(task))
+    except BenchError as exc:
+        _fail(str(exc), EXIT_API)
+    if as_json:
+        _print_json(report.as_dict())
+        return
+    table = Table(title=f"enginedge bench: {mode}, {concurrency} in flight")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    rows = [
+        ("round trips", f"{report.completed} of {report.requests} ({report.errors} errors)"),
+        ("throughput", f"{report.throughput} requests/s"),
+        *((f"latency {k}", f"{v} ms") for k, v in report.latency_ms.items()),
+        ("orchestrator CPU", f"{report.orchestrator_cpu_seconds} s"),
+        ("orchestrator peak RSS", f"{report.orchestrator_peak_rss_mb} MB"),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    out.print(table)
+    for sample in report.error_samples:
+        err.print(f"[red]error[/red]: {sample}", highlight=False)
+    if report.errors:
+        raise typer.Exit(EXIT_API)
+
+
 @app.command(help="Apply database migrations to DATABASE_URL (or the embedded SQLite file).")
 def migrate() -> None:
     from enginedge.adapters.store.engine import connect_with_retries, create_engine

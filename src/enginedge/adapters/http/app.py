@@ -78,6 +78,7 @@ def _parse_id(request_id: str) -> uuid.UUID:
 
 
 api = APIRouter(prefix="/api", responses=ERRORS)
+MAX_WAIT_SECONDS = 60
 
 
 @api.post(
@@ -137,9 +138,22 @@ async def orchestrate(
     response_model=RequestView,
     responses={404: {"model": ErrorBody, "description": "REQUEST_NOT_FOUND"}},
 )
-async def get_request(request_id: str, ctx: Ctx, caller: Caller) -> RequestView:
+async def get_request(
+    request_id: str,
+    ctx: Ctx,
+    caller: Caller,
+    wait: Annotated[
+        float,
+        Query(
+            ge=0,
+            le=MAX_WAIT_SECONDS,
+            description="Long polling: answer as soon as the request is terminal, or after "
+            "this many seconds with its status then",
+        ),
+    ] = 0,
+) -> RequestView:
     """Status, timestamps, attempts, worker, and the result or error once terminal."""
-    return RequestView.of(await use.get_request(ctx, _parse_id(request_id)))
+    return RequestView.of(await use.wait_for_request(ctx, _parse_id(request_id), wait))
 
 
 def _parse_time(value: str | None, name: str) -> datetime | None:

@@ -206,4 +206,9 @@ def data_processing_worker(data_root: Path, capacity: int = 4) -> WorkerApp:
     def _describe(task: Task) -> JSON:
         return describe(data_root, task)
 
+    @app.task("echo")
+    async def _echo(task: Task) -> JSON:
+        # On the event loop: no thread for work that is no work.
+        return dict(task.payload)
+
     return app

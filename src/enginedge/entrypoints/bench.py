@@ -1,0 +1,326 @@
+"""`enginedge bench`: round-trip throughput and latency through the public HTTP API.
+
+The bench is the client process. It starts the orchestrator (and, in distributed mode, a
+built-in worker) as processes of their own, drives ``POST /api/orchestrate`` with the ``echo``
+task from a fixed number of concurrent callers, and waits for each request's terminal status
+with ``GET /api/requests/{id}?wait=``: the time counted is everything a caller would see.
+The orchestrator's CPU seconds and peak RSS are read from its process while it runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+import psutil
+
+Mode = Literal["embedded", "distributed", "external"]
+TERMINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"})
+WAIT_SECONDS = 30
+
+
+class BenchError(Exception):
+    """The bench could not run (a service that does not start, a bad option)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BenchConfig:
+    mode: Mode = "embedded"
+    requests: int = 5000
+    concurrency: int = 64
+    warmup: int = 200
+    url: str | None = None  # external mode: a running service
+    api_key: str | None = None
+    database_url: str | None = None
+    kafka_brokers: str | None = None
+    redis_url: str | None = None
+    worker_capacity: int = 256
+    log_dir: Path | None = None
+
+
+@dataclass(slots=True)
+class BenchReport:
+    mode: str
+    requests: int
+    concurrency: int
+    completed: int
+    errors: int
+    seconds: float
+    throughput: float
+    latency_ms: dict[str, float]
+    orchestrator_cpu_seconds: float | None
+    orchestrator_peak_rss_mb: float | None
+    error_samples: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[index]
+
+
+def summarise(latencies: list[float]) -> dict[str, float]:
+    """p50/p95/p99/max/mean of latencies given in seconds, in milliseconds."""
+    ordered = sorted(latencies)
+    ms = [v * 1000 for v in ordered]
+    return {
+        "p50": round(_quantile(ms, 0.50), 3),
+        "p95": round(_quantile(ms, 0.95), 3),
+        "p99": round(_quantile(ms, 0.99), 3),
+        "max": round(ms[-1], 3) if ms else 0.0,
+        "mean": round(statistics.fmean(ms), 3) if ms else 0.0,
+    }
+
+
+class _Sampler:
+    """Peak RSS and CPU time of a process, sampled in the background."""
+
+    def __init__(self, pid: int | None) -> None:
+        self._process = psutil.Process(pid) if pid else None
+        self.peak_rss = 0
+        self._cpu_start = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    def _cpu(self) -> float:
+        assert self._process is not None
+        times = self._process.cpu_times()
+        return float(times.user + times.system)
+
+    async def __aenter__(self) -> _Sampler:
+        if self._process is not None:
+            self._cpu_start = self._cpu()
+            self._task = asyncio.create_task(self._sample())
+        return self
+
+    async def _sample(self) -> None:
+        assert self._process is not None
+        while True:
+            with contextlib.suppress(psutil.Error):
+                self.peak_rss = max(self.peak_rss, self._process.memory_info().rss)
+            await asyncio.sleep(0.05)
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def cpu_seconds(self) -> float | None:
+        if self._process is None:
+            return None
+        with contextlib.suppress(psutil.Error):
+            return round(self._cpu() - self._cpu_start, 3)
+        return None
+
+    def peak_rss_mb(self) -> float | None:
+        return round(self.peak_rss / 2**20, 1) if self._process is not None else None
+
+
+async def _one(client: httpx.AsyncClient, i: int) -> float:
+    """Submit one echo task and wait for its terminal status; the seconds it took."""
+    start = time.perf_counter()
+    response = await client.post("/api/orchestrate", json={"taskType": "echo", "payload": {"n": i}})
+    if response.status_code != 202:
+        raise BenchError(f"submit answered {response.status_code}: {response.text[:200]}")
+    url = response.json()["statusUrl"]
+    while True:
+        answer = await client.get(url, params={"wait": WAIT_SECONDS})
+        if answer.status_code != 200:
+            raise BenchError(f"status answered {answer.status_code}: {answer.text[:200]}")
+        body = answer.json()
+        if body["status"] in TERMINAL:
+            if body["status"] != "COMPLETED" or body.get("result") != {"n": i}:
+                raise BenchError(f"request ended {body['status']}: {body.get('error')}")
+            return time.perf_counter() - start
+
+
+async def drive(
+    url: str,
+    api_key: str,
+    total: int,
+    concurrency: int,
+    on_done: Callable[[], None] = lambda: None,
+) -> tuple[list[float], list[str], float]:
+    """``total`` round trips from ``concurrency`` callers: latencies, errors, wall seconds."""
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    latencies: list[float] = []
+    errors: list[str] = []
+    counter = iter(range(total))
+    async with httpx.AsyncClient(
+        base_url=url,
+        headers={"X-API-Key": api_key},
+        limits=limits,
+        timeout=WAIT_SECONDS + 30,
+    ) as client:
+
+        async def caller() -> None:
+            for i in counter:
+                try:
+                    latencies.append(await _one(client, i))
+                except (BenchError, httpx.HTTPError) as exc:
+                    errors.append(str(exc) or type(exc).__name__)
+                on_done()
+
+        start = time.perf_counter()
+        await asyncio.gather(*(caller() for _ in range(concurrency)))
+        return latencies, errors, time.perf_counter() - start
+
+
+@dataclass
+class _Service:
+    url: str
+    api_key: str
+    pid: int | None
+    processes: list[subprocess.Popen[bytes]]
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextlib.contextmanager
+def _service(config: BenchConfig) -> Iterator[_Service]:
+    """The orchestrator (and worker) the bench drives, stopped afterwards by their PIDs."""
+    if config.mode == "external":
+        if not config.url or not config.api_key:
+            raise BenchError("--mode external needs --url and --api-key")
+        yield _Service(config.url.rstrip("/"), config.api_key, None, [])
+        return
+    key = config.api_key or secrets.token_urlsafe(24)
+    port = _free_port()
+    with tempfile.TemporaryDirectory(prefix="enginedge-bench-") as tmp:
+        logs = config.log_dir or Path(tmp)
+        logs.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        env.update(
+            API_KEYS=key,
+            PORT=str(port),
+            HOST="127.0.0.1",
+            ENGINEDGE_DATA_DIR=tmp,
+            LOG_LEVEL="warn",
+            RATE_LIMIT_REQUESTS="100000000",
+            BUILTIN_WORKER_CAPACITY=str(config.worker_capacity),
+        )
+        for name in ("DATABASE_URL", "KAFKA_BROKERS", "REDIS_URL"):
+            env.pop(name, None)
+        if config.mode == "distributed":
+            if not config.database_url or not config.kafka_brokers:
+                raise BenchError(
+                    "--mode distributed needs --database-url and --kafka-brokers "
+                    "(or DATABASE_URL and KAFKA_BROKERS)"
+                )
+            env.update(DATABASE_URL=config.database_url, KAFKA_BROKERS=config.kafka_brokers)
+            if config.redis_url:
+                env["REDIS_URL"] = config.redis_url
+        processes: list[subprocess.Popen[bytes]] = []
+
+        def spawn(args: list[str], name: str) -> subprocess.Popen[bytes]:
+            with open(logs / f"{name}.log", "ab") as log:
+                process = subprocess.Popen(  # noqa: S603 - our own command
+                    [sys.executable, "-m", "enginedge", *args],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            processes.append(process)
+            return process
+
+        try:
+            orchestrator = spawn(["serve"], "orchestrator")
+            if config.mode == "distributed":
+                spawn(
+                    [
+                        "worker",
+                        "--type",
+                        "data-processing",
+                        "--capacity",
+                        str(config.worker_capacity),
+                    ],
+                    "worker",
+                )
+            url = f"http://127.0.0.1:{port}"
+            _wait_ready(url, key, orchestrator, logs / "orchestrator.log")
+            yield _Service(url, key, orchestrator.pid, processes)
+        finally:
+            for process in reversed(processes):
+                _stop(process)
+
+
+def _wait_ready(url: str, key: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    """Until the service is ready and a worker for ``echo`` is healthy."""
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise BenchError(f"the orchestrator exited; its log:\n{log.read_text()[-2000:]}")
+        with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                items = httpx.get(
+                    f"{url}/api/workers", headers={"X-API-Key": key}, timeout=2
+                ).json()["items"]
+                if any(w["status"] == "HEALTHY" and "echo" in w["capabilities"] for w in items):
+                    return
+        time.sleep(0.2)
+    raise BenchError(f"the service was not ready in 90 s; its log:\n{log.read_text()[-2000:]}")
+
+
+async def _measure(
+    service: _Service, config: BenchConfig, on_done: Callable[[], None]
+) -> BenchReport:
+    if config.warmup:
+        await drive(service.url, service.api_key, config.warmup, config.concurrency)
+    async with _Sampler(service.pid) as sampler:
+        latencies, errors, seconds = await drive(
+            service.url, service.api_key, config.requests, config.concurrency, on_done
+        )
+    return BenchReport(
+        mode=config.mode,
+        requests=config.requests,
+        concurrency=config.concurrency,
+        completed=len(latencies),
+        errors=len(errors),
+        seconds=round(seconds, 3),
+        throughput=round(len(latencies) / seconds, 1) if seconds else 0.0,
+        latency_ms=summarise(latencies),
+        orchestrator_cpu_seconds=sampler.cpu_seconds(),
+        orchestrator_peak_rss_mb=sampler.peak_rss_mb(),
+        error_samples=sorted(set(errors))[:5],
+    )
+
+
+def run_bench(config: BenchConfig, on_done: Callable[[], None] = lambda: None) -> BenchReport:
+    """Start what ``config`` asks for, measure, stop it all; the figures."""
+    if config.requests < 1 or config.concurrency < 1 or config.warmup < 0:
+        raise BenchError("--requests and --concurrency must be at least 1, --warmup at least 0")
+    with _service(config) as service:
+        return asyncio.run(_measure(service, config, on_done))
