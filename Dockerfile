@@ -33,7 +33,7 @@ RUN groupadd --system --gid 1001 enginedge \
     && useradd --system --uid 1001 --gid 1001 --home-dir /app --no-create-home \
        --shell /usr/sbin/nologin enginedge \
     && mkdir -p /app /var/lib/enginedge \
-    && chown 1001:1001 /var/lib/enginedge
+    && chown 1001:1001 /app /var/lib/enginedge
 COPY --from=builder /opt/venv /opt/venv
 WORKDIR /app
 ENV PATH="/opt/venv/bin:${PATH}" \
