@@ -18,7 +18,12 @@ from enginedge.adapters.telemetry.tracing import Tracing
 from enginedge.application.console import DEAD_LETTERS_GROUP, record_dead_letters
 from enginedge.application.context import Context
 from enginedge.application.fleet import check_worker_health
-from enginedge.application.inbox import ORCHESTRATOR_TOPICS, handle_message, send_to_dlq
+from enginedge.application.inbox import (
+    ORCHESTRATOR_TOPICS,
+    handle_batch,
+    handle_message,
+    send_to_dlq,
+)
 from enginedge.application.maintenance import recover_in_flight, sweep
 from enginedge.application.outbox import relay_outbox
 from enginedge.application.ports import BusMessage, Subscription
@@ -196,13 +201,44 @@ class Service:
                 log.warning("cannot read from the bus; will retry", extra=_error(exc))
                 await asyncio.sleep(1.0)
                 continue
-            for message in batch:
-                await self._handle(message)
+            if batch:
+                await self._handle_batch(batch)
             if batch:
                 try:
                     await subscription.commit()
                 except Exception as exc:  # they will come again: recording is idempotent
                     log.warning("offsets not committed", extra=_error(exc))
+
+    def _record_span(self, message: BusMessage) -> contextlib.AbstractContextManager[object]:
+        """Recording a result joins its request's trace."""
+        return self.tracing.span(
+            f"record {message.topic}",
+            message.headers.get("traceparent"),
+            kind="consumer",
+            attributes={"messaging.message.id": message.key},
+        )
+
+    async def _handle_batch(self, batch: list[BusMessage]) -> None:
+        """The whole batch in one go; one message at a time if that fails otherwise than
+        by the store being down (so that one bad message is retried, then dead-lettered,
+        on its own)."""
+        while True:
+            try:
+                await handle_batch(self.ctx, batch, self._record_span)
+                return
+            except ServiceUnavailable as exc:
+                # The store is down: wait for it however long it takes; skipping the
+                # batch would lose results.
+                log.warning(
+                    "store unavailable while handling messages; will retry",
+                    extra={"messages": len(batch), "error": exc.message},
+                )
+                await asyncio.sleep(1.0)
+            except Exception as exc:
+                log.warning("batch handling failed; one by one now", extra=_error(exc))
+                for message in batch:
+                    await self._handle(message)
+                return
 
     async def _handle(self, message: BusMessage) -> None:
         attempt = 0

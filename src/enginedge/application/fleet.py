@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from dataclasses import replace
+import uuid
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from datetime import datetime
 
 from enginedge.application.context import Context
 from enginedge.application.events import progress_event, status_event
-from enginedge.application.outbox import finish, finished
+from enginedge.application.outbox import finished
+from enginedge.domain.errors import IllegalTransition
 from enginedge.domain.messages import HeartbeatMessage, ResultMessage
-from enginedge.domain.model import Request, RequestStatus, Worker, WorkerStatus
+from enginedge.domain.model import (
+    Request,
+    RequestEvent,
+    RequestStatus,
+    Result,
+    Worker,
+    WorkerStatus,
+)
 
 log = logging.getLogger(__name__)
 
@@ -20,54 +32,81 @@ class UnknownRequest(LookupError):
 
 
 async def record_result(ctx: Context, msg: ResultMessage) -> None:
-    """Apply a worker's message to its request, exactly once.
+    """Apply one worker message to its request, exactly once (see :func:`record_results`)."""
+    refused = await record_results(ctx, [msg])
+    if refused:
+        raise refused[0][1]
+
+
+Around = Callable[[ResultMessage], AbstractContextManager[object]]
+
+
+async def record_results(
+    ctx: Context, messages: Sequence[ResultMessage], around: Around | None = None
+) -> list[tuple[ResultMessage, Exception]]:
+    """Apply a batch of worker messages in one transaction, exactly once; return those
+    refused (unknown request, impossible transition) with the reason, for the DLQ.
 
     Delivery is at-least-once, so the same message may come twice, and a superseded attempt
-    may still report: both are counted and change nothing.
+    may still report: both are counted and change nothing. One transaction for the batch
+    is the group commit that lets the store keep up with a busy fleet. ``around`` wraps the
+    application of each message (a tracing span).
     """
-    if msg.kind == "progress" and msg.seq > 0:
-        await _record_progress(ctx, msg)
-        return
     now = ctx.clock.now()
-    events = []
+    events: list[RequestEvent] = []
+    done: list[Request] = []
+    refused: list[tuple[ResultMessage, Exception]] = []
     async with ctx.store.transaction() as tx:
-        request = await tx.lock_request(msg.request_id)
-        if request is None:
-            raise UnknownRequest(f"unknown request {msg.request_id}")
-        if _ignored(ctx, request, msg):
-            return
-        if request.status is RequestStatus.PENDING:
-            request.mark_dispatched(now)
-        if request.status is RequestStatus.DISPATCHED:
-            request.mark_processing(msg.worker_id, now)
-            events.append(status_event(request))
-        if msg.kind == "completed":
-            assert msg.result is not None
-            request.complete(msg.result, msg.processing_time_ms, now)
-        elif msg.kind == "failed":
-            assert msg.error is not None
-            request.fail(msg.error, now, msg.processing_time_ms)
-        if request.terminal:
-            await finish(ctx, tx, request, now)
-            events.append(status_event(request))
-        elif events:
-            await tx.save_request(request)
+        requests = {r.id: r for r in await tx.lock_requests([m.request_id for m in messages])}
+        changed: dict[uuid.UUID, Request] = {}
+        for msg in messages:
+            request = requests.get(msg.request_id)
+            if request is None:
+                refused.append((msg, UnknownRequest(f"unknown request {msg.request_id}")))
+                continue
+            with around(msg) if around else contextlib.nullcontext():
+                try:
+                    told = _apply(ctx, request, msg, now)
+                except IllegalTransition as exc:
+                    refused.append((msg, exc))
+                    continue
+            events += told
+            if any(e.type == "status" for e in told):
+                changed[request.id] = request
+                if request.terminal:
+                    done.append(request)
+        await tx.save_requests(list(changed.values()))
+        await tx.add_results([Result.of(r, now) for r in done])
     for event in events:
         await ctx.events.append(event)
-    if request.terminal:
+    for request in done:
         finished(ctx, request)
+    return refused
 
 
-async def _record_progress(ctx: Context, msg: ResultMessage) -> None:
-    request = await ctx.store.get_request(msg.request_id)
-    if request is None:
-        raise UnknownRequest(f"unknown request {msg.request_id}")
+def _apply(ctx: Context, request: Request, msg: ResultMessage, now: datetime) -> list[RequestEvent]:
+    """Move ``request`` as ``msg`` says; the events to tell (none if nothing changed)."""
     if _ignored(ctx, request, msg):
-        return
-    if request.status is not RequestStatus.PROCESSING:
-        # The start message was lost or overtaken: let this message start the attempt.
-        await record_result(ctx, replace(msg, seq=0, chunk=None))
-    await ctx.events.append(progress_event(request, msg.seq, msg.chunk))
+        return []
+    told = []
+    if request.status is RequestStatus.PENDING:
+        request.mark_dispatched(now)
+    if request.status is RequestStatus.DISPATCHED:
+        # A partial result or outcome before its start message (lost or overtaken) starts
+        # the attempt.
+        request.mark_processing(msg.worker_id, now)
+        told.append(status_event(request))
+    if msg.kind == "completed":
+        assert msg.result is not None
+        request.complete(msg.result, msg.processing_time_ms, now)
+        told.append(status_event(request))
+    elif msg.kind == "failed":
+        assert msg.error is not None
+        request.fail(msg.error, now, msg.processing_time_ms)
+        told.append(status_event(request))
+    elif msg.seq > 0:
+        told.append(progress_event(request, msg.seq, msg.chunk))
+    return told
 
 
 def _ignored(ctx: Context, request: Request, msg: ResultMessage) -> bool:

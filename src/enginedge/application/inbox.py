@@ -7,9 +7,16 @@ reason and is counted; it never stops the consumer.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 
 from enginedge.application.context import Context
-from enginedge.application.fleet import UnknownRequest, record_heartbeat, record_result
+from enginedge.application.fleet import (
+    UnknownRequest,
+    record_heartbeat,
+    record_result,
+    record_results,
+)
 from enginedge.application.ports import BusMessage
 from enginedge.domain.errors import IllegalTransition
 from enginedge.domain.messages import (
@@ -38,6 +45,39 @@ async def handle_message(ctx: Context, message: BusMessage) -> None:
             raise MalformedMessage(f"the orchestrator does not consume topic {message.topic}")
     except (MalformedMessage, UnknownRequest, IllegalTransition) as exc:
         await send_to_dlq(ctx, message, str(exc))
+
+
+async def handle_batch(
+    ctx: Context,
+    messages: Sequence[BusMessage],
+    around: Callable[[BusMessage], AbstractContextManager[object]] | None = None,
+) -> None:
+    """Apply a consumed batch: its results in one transaction (:func:`record_results`),
+    heartbeats one by one; what cannot be parsed or applied goes to the DLQ.
+
+    Safe to run again after a failure: what was recorded is then ignored as a duplicate.
+    ``around`` wraps the application of each result (a tracing span).
+    """
+    parsed: list[ResultMessage] = []
+    raw_of: dict[int, BusMessage] = {}  # by id() of the parsed message: dicts don't hash
+    for message in messages:
+        if message.topic != RESULTS_TOPIC:
+            await handle_message(ctx, message)
+            continue
+        try:
+            result = ResultMessage.from_json(message.value)
+        except MalformedMessage as exc:
+            await send_to_dlq(ctx, message, str(exc))
+            continue
+        parsed.append(result)
+        raw_of[id(result)] = message
+    if not parsed:
+        return
+    refused = await record_results(
+        ctx, parsed, (lambda msg: around(raw_of[id(msg)])) if around else None
+    )
+    for msg, reason in refused:
+        await send_to_dlq(ctx, raw_of[id(msg)], str(reason))
 
 
 async def send_to_dlq(ctx: Context, message: BusMessage, reason: str) -> None:

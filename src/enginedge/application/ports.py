@@ -69,9 +69,23 @@ class StoreTransaction(Protocol):
         """Read a request and hold it against concurrent changes until commit."""
         ...
 
-    async def save_request(self, request: Request) -> None: ...
+    async def lock_requests(self, request_ids: Sequence[uuid.UUID]) -> list[Request]:
+        """:meth:`lock_request` for many at once (those that exist), in a fixed order."""
+        ...
+
+    async def save_request(self, request: Request) -> None:
+        """Write what changes over a request's life (status, attempt, worker, times)."""
+        ...
+
+    async def save_requests(self, requests: Sequence[Request]) -> None:
+        """:meth:`save_request` for many, in one statement."""
+        ...
 
     async def add_result(self, result: Result) -> None: ...
+
+    async def add_results(self, results: Sequence[Result]) -> None:
+        """:meth:`add_result` for many, in one statement."""
+        ...
 
     async def enqueue(self, messages: Sequence[OutboxMessage]) -> None: ...
 
@@ -106,6 +120,15 @@ class StoreTransaction(Protocol):
         ...
 
     async def save_worker(self, worker: Worker) -> None: ...
+
+
+class RequestReader(Protocol):
+    """The reads that may be a little stale (status and list pages): served by a read
+    replica when one is configured, else by the :class:`RequestStore` itself."""
+
+    async def get_request(self, request_id: uuid.UUID) -> Request | None: ...
+
+    async def list_requests(self, query: RequestQuery) -> list[Request]: ...
 
 
 class RequestStore(Protocol):

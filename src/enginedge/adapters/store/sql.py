@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Select, delete, func, insert, or_, select, tuple_, update
+from sqlalchemy import Select, bindparam, delete, func, insert, or_, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -111,6 +111,53 @@ def _request_values(r: Request) -> dict[str, Any]:
     }
 
 
+def _state_values(r: Request) -> dict[str, Any]:
+    """The columns that change after a request is created."""
+    return {
+        "status": r.status.value,
+        "updated_at": r.updated_at,
+        "worker_id": r.worker_id,
+        "attempts": r.attempts,
+        "dispatched_at": r.dispatched_at,
+        "started_at": r.started_at,
+        "finished_at": r.finished_at,
+    }
+
+
+_SAVE_STATE = (
+    update(t.requests)
+    .where(t.requests.c.id == bindparam("request_id"))
+    .values(
+        {
+            name: bindparam(name)
+            for name in (
+                "status",
+                "updated_at",
+                "worker_id",
+                "attempts",
+                "dispatched_at",
+                "started_at",
+                "finished_at",
+            )
+        }
+    )
+)
+
+
+def _result_values(result: Result) -> dict[str, Any]:
+    return {
+        "id": result.id,
+        "request_id": result.request_id,
+        "status": result.status.value,
+        "result": result.result,
+        "error": result.error,
+        "processing_time": result.processing_time_ms,
+        "created_at": result.created_at,
+        "attempt": result.attempt,
+        "worker_id": result.worker_id,
+    }
+
+
 def _to_worker(row: Any) -> Worker:
     m = row._mapping
     return Worker(
@@ -167,26 +214,34 @@ class SqlTransaction:
         )
         return rows[0] if rows else None
 
-    async def save_request(self, request: Request) -> None:
-        values = _request_values(request)
-        await self._conn.execute(
-            update(t.requests).where(t.requests.c.id == request.id).values(**values)
+    async def lock_requests(self, request_ids: Sequence[uuid.UUID]) -> list[Request]:
+        if not request_ids:
+            return []
+        # One order for every replica, so that two batches never wait on each other's rows.
+        query = (
+            _request_select()
+            .where(t.requests.c.id.in_(sorted(set(request_ids))))
+            .order_by(t.requests.c.id)
         )
+        return await self._requests(self._locked(query))
+
+    async def save_request(self, request: Request) -> None:
+        await self.save_requests([request])
+
+    async def save_requests(self, requests: Sequence[Request]) -> None:
+        if requests:
+            await self._conn.execute(
+                _SAVE_STATE, [{"request_id": r.id, **_state_values(r)} for r in requests]
+            )
 
     async def add_result(self, result: Result) -> None:
-        await self._conn.execute(
-            insert(t.request_results).values(
-                id=result.id,
-                request_id=result.request_id,
-                status=result.status.value,
-                result=result.result,
-                error=result.error,
-                processing_time=result.processing_time_ms,
-                created_at=result.created_at,
-                attempt=result.attempt,
-                worker_id=result.worker_id,
+        await self.add_results([result])
+
+    async def add_results(self, results: Sequence[Result]) -> None:
+        if results:
+            await self._conn.execute(
+                insert(t.request_results), [_result_values(r) for r in results]
             )
-        )
 
     async def enqueue(self, messages: Sequence[OutboxMessage]) -> None:
         now = datetime.now(UTC)
