@@ -37,3 +37,15 @@ elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
 else
   echo "Chromium missing and not root: the console's browser tests will be skipped"
 fi
+
+# PgBouncer, for the API suite's run through transaction pooling (tests/conftest.py).
+# Without it, and not root, those tests skip and say why.
+if command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ]; then
+  echo "PgBouncer: present"
+elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "installing PgBouncer (Debian package pgbouncer)"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends pgbouncer >/dev/null
+else
+  echo "PgBouncer missing and not root: the tests through PgBouncer will be skipped"
+fi

@@ -1,4 +1,5 @@
-"""Shared fixtures: the real PostgreSQL server and one fresh database per test."""
+"""Shared fixtures: the real PostgreSQL server (and a PgBouncer in front of it), and one
+fresh database per test."""
 
 from __future__ import annotations
 
@@ -8,9 +9,17 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from sqlalchemy.engine import make_url
 
 from tests.support.harness import unique
-from tests.support.servers import PostgresServer, postgres_server
+from tests.support.servers import (
+    PGBOUNCER_MISSING,
+    PgBouncer,
+    PostgresServer,
+    pgbouncer_binary,
+    pgbouncer_server,
+    postgres_server,
+)
 
 
 @pytest.fixture(scope="session")
@@ -22,6 +31,16 @@ def postgres() -> Iterator[PostgresServer | str]:
         return
     with postgres_server() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(postgres: PostgresServer | str) -> Iterator[PgBouncer]:
+    """A PgBouncer in transaction pooling mode in front of the suite's PostgreSQL."""
+    if pgbouncer_binary() is None:
+        pytest.skip(PGBOUNCER_MISSING)
+    url = make_url(_admin_url(postgres))
+    with pgbouncer_server(url.host or "127.0.0.1", url.port or 5432) as bouncer:
+        yield bouncer
 
 
 def _admin_url(postgres: PostgresServer | str) -> str:
@@ -45,11 +64,17 @@ async def pg_url(postgres: PostgresServer | str) -> AsyncIterator[str]:
     return await create_database(postgres)
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", "postgres", "pgbouncer"])
 async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    """Each test using it runs twice: on the embedded SQLite store and on PostgreSQL."""
+    """Each test using it runs three times: on the embedded SQLite store, on PostgreSQL, and
+    on PostgreSQL through PgBouncer in transaction pooling mode (``?pgbouncer=true``)."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'enginedge.db'}"
+        return
+    postgres = request.getfixturevalue("postgres")
+    url = await create_database(postgres)
+    if request.param == "pgbouncer":
+        bouncer: PgBouncer = request.getfixturevalue("pgbouncer")
+        yield bouncer.url_for(make_url(url).database or "postgres")
     else:
-        postgres = request.getfixturevalue("postgres")
-        yield await create_database(postgres)
+        yield url

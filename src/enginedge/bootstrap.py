@@ -1,7 +1,8 @@
 """The composition root: the one place that picks an adapter for each port.
 
-Each backing service is chosen by its own variable (SPEC §1): ``DATABASE_URL`` (else SQLite),
-``KAFKA_BROKERS`` (else the in-process bus), ``REDIS_URL`` (else in-process caches).
+Each backing service is chosen by its own variable (SPEC §1): ``DATABASE_URL`` (else SQLite;
+``DATABASE_READ_URL`` adds a read replica), ``KAFKA_BROKERS`` (else the in-process bus),
+``REDIS_URL`` (else in-process caches).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from enginedge.adapters.cache.inprocess import (
 from enginedge.adapters.store.console import SqlConsoleStore
 from enginedge.adapters.store.engine import PoolSettings, connect_with_retries, create_engine
 from enginedge.adapters.store.migrate import head_revision, upgrade
+from enginedge.adapters.store.replica import ReplicaReader
 from enginedge.adapters.store.sql import SqlStore
 from enginedge.adapters.telemetry.metrics import PrometheusMetrics
 from enginedge.adapters.telemetry.tracing import DEFAULT_SERVICE, TracedBus, configure_tracing
@@ -77,6 +79,7 @@ def pool_from(settings: Settings) -> PoolSettings:
         retry_delay=settings.db_retry_delay,
         acquire_timeout=settings.db_acquire_timeout,
         idle_timeout=settings.db_idle_timeout,
+        pgbouncer=settings.db_pgbouncer,
     )
 
 
@@ -187,6 +190,17 @@ def build_service(settings: Settings, extra_workers: list[WorkerApp] | None = No
     tracing = configure_tracing(DEFAULT_SERVICE)
     engine = create_engine(settings.effective_database_url, pool_from(settings))
     store = SqlStore(engine, head_revision(), tracing)
+    # DATABASE_READ_URL: status, list and console reads go to a read replica.
+    read_engine = (
+        create_engine(settings.database_read_url, pool_from(settings))
+        if settings.database_read_url
+        else None
+    )
+    reader = (
+        ReplicaReader(SqlStore(read_engine, head_revision(), tracing), store)
+        if read_engine is not None
+        else None
+    )
     caches = create_cache(settings, store)
     metrics = PrometheusMetrics()
     prober = HttpWorkerProber()
@@ -202,7 +216,8 @@ def build_service(settings: Settings, extra_workers: list[WorkerApp] | None = No
         clock=SystemClock(),
         policy=policy_from(settings),
         prober=prober,
-        console=SqlConsoleStore(engine),
+        console=SqlConsoleStore(engine, read_engine),
+        reader=reader,
     )
 
     async def prepare_store() -> None:
@@ -219,6 +234,12 @@ def build_service(settings: Settings, extra_workers: list[WorkerApp] | None = No
         worker_apps=[*builtin_worker_apps(settings), *(extra_workers or [])],
         heartbeat_interval=settings.worker_heartbeat_interval,
         health_check_interval=settings.health_check_interval,
-        closers=[*caches.closers, prober.close, engine.dispose, _async(tracing.shutdown)],
+        closers=[
+            *caches.closers,
+            prober.close,
+            engine.dispose,
+            *([read_engine.dispose] if read_engine is not None else []),
+            _async(tracing.shutdown),
+        ],
         tracing=tracing,
     )

@@ -150,6 +150,23 @@ VARIABLES: tuple[Variable, ...] = (
         secret=True,
     ),
     Variable(
+        "DATABASE_READ_URL",
+        "database_read_url",
+        None,
+        _database_url,
+        "PostgreSQL read replica for status, list and console reads (stale reads allowed; "
+        "a request not found there is read from DATABASE_URL); unset: DATABASE_URL",
+        secret=True,
+    ),
+    Variable(
+        "DB_PGBOUNCER",
+        "db_pgbouncer",
+        "false",
+        _bool,
+        "the database URLs point at PgBouncer in transaction pooling mode: no server-side "
+        "prepared statements are kept (also selected by ?pgbouncer=true in the URL)",
+    ),
+    Variable(
         "KAFKA_BROKERS",
         "kafka_brokers",
         None,
@@ -404,6 +421,8 @@ class Settings:
     host: str = "0.0.0.0"  # noqa: S104 - a service in a container listens on all interfaces
     log_level: str = "info"
     database_url: str | None = None
+    database_read_url: str | None = None
+    db_pgbouncer: bool = False
     kafka_brokers: str | None = None
     kafka_partitions: int = 3
     jaeger_agent_host: str | None = None
@@ -486,6 +505,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     if problems:
         raise ConfigError("invalid configuration: " + "; ".join(problems))
     settings = Settings(**values)
+    if settings.database_read_url and not (
+        settings.database_url and make_url(settings.database_url).get_backend_name() != "sqlite"
+    ):
+        raise ConfigError("DATABASE_READ_URL needs DATABASE_URL set to a PostgreSQL primary")
     if settings.production:
         missing = [name for name in PRODUCTION_REQUIRED if not env.get(name, "").strip()]
         if missing:

@@ -282,3 +282,128 @@ def redis_server() -> contextlib.AbstractContextManager[Restartable]:
             "no",
         ],
     )
+
+
+def pgbouncer_binary() -> Path | None:
+    """PgBouncer's binary (Debian package ``pgbouncer``), or None if it is not installed."""
+    found = shutil.which("pgbouncer") or next(
+        (p for p in ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer") if os.path.exists(p)), None
+    )
+    return Path(found) if found else None
+
+
+PGBOUNCER_MISSING = (
+    "PgBouncer is not installed: `make servers` installs the Debian package pgbouncer when "
+    "run as root (apt-get); as an ordinary user install it yourself"
+)
+
+
+@dataclass
+class PgBouncer:
+    """A PgBouncer in transaction pooling mode in front of one PostgreSQL server."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    workdir: Path
+
+    def url_for(self, database: str) -> str:
+        """A URL of ``database`` through PgBouncer, marked ``?pgbouncer=true`` for the service."""
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}?pgbouncer=true"
+
+
+@contextlib.contextmanager
+def pgbouncer_server(
+    upstream_host: str, upstream_port: int, pool_size: int = 20
+) -> Iterator[PgBouncer]:
+    """PgBouncer (pool_mode=transaction, auth_type=trust) on a free loopback port, forwarding
+    every database name to the same name on ``upstream_host:upstream_port``."""
+    binary = pgbouncer_binary()
+    if binary is None:
+        raise RuntimeError(PGBOUNCER_MISSING)
+    ids = _run_as()  # PgBouncer, like PostgreSQL, refuses to run as root
+    workdir = Path(tempfile.mkdtemp(prefix="enginedge-pgbouncer-"))
+    port = free_port()
+    (workdir / "userlist.txt").write_text('"postgres" ""\n')
+    (workdir / "pgbouncer.ini").write_text(
+        "[databases]\n"
+        f"* = host={upstream_host} port={upstream_port}\n"
+        "[pgbouncer]\n"
+        "listen_addr = 127.0.0.1\n"
+        f"listen_port = {port}\n"
+        "unix_socket_dir =\n"
+        "auth_type = trust\n"
+        f"auth_file = {workdir / 'userlist.txt'}\n"
+        "pool_mode = transaction\n"
+        f"default_pool_size = {pool_size}\n"
+        "max_client_conn = 1000\n"
+        "max_db_connections = 0\n"
+        "server_reset_query =\n"
+        "ignore_startup_parameters = extra_float_digits\n"
+        "admin_users = postgres\n"
+        "log_connections = 0\n"
+        "log_disconnections = 0\n"
+    )
+    if ids:
+        os.chown(workdir, *ids)
+        for child in workdir.iterdir():
+            os.chown(child, *ids)
+    with open(workdir / "pgbouncer.log", "ab") as log:
+        process = subprocess.Popen(
+            [str(binary), str(workdir / "pgbouncer.ini")],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            user=ids[0] if ids else None,
+            group=ids[1] if ids else None,
+        )
+    try:
+        wait_for_port(port, process=process)
+        yield PgBouncer(process, port, workdir)
+    finally:
+        stop_process(process, signal.SIGINT)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def streaming_replica(primary: PostgresServer) -> Iterator[PostgresServer]:
+    """A hot standby of ``primary``, made with ``pg_basebackup -R`` and streaming from it.
+
+    Needs ``wal_level`` replica (PostgreSQL's default) on the primary and the replication
+    line initdb writes into pg_hba.conf (trust from 127.0.0.1).
+    """
+    bin_dir = postgres_bin_dir()
+    ids = primary.user_ids
+    root = Path(tempfile.mkdtemp(prefix="enginedge-pg-replica-"))
+    data_dir = root / "data"
+    if ids:
+        os.chown(root, *ids)
+    subprocess.run(
+        [
+            str(bin_dir / "pg_basebackup"),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(primary.port),
+            "-U",
+            "postgres",
+            "-D",
+            str(data_dir),
+            "-R",  # standby.signal and primary_conninfo: start as a streaming standby
+            "-X",
+            "stream",
+            "--no-sync",
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        user=ids[0] if ids else None,
+        group=ids[1] if ids else None,
+    )
+    (data_dir / "server.log").unlink(missing_ok=True)
+    port = free_port()
+    server = PostgresServer(_spawn_postgres(data_dir, port, ids), port, data_dir, ids)
+    try:
+        wait_for_port(port, process=server.process)
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)

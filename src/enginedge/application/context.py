@@ -16,6 +16,7 @@ from enginedge.application.ports import (
     Metrics,
     RateLimiter,
     RequestCache,
+    RequestReader,
     RequestStore,
     WorkerProber,
     WorkerRegistry,
@@ -69,6 +70,16 @@ class Context:
     unheld_since: dict[uuid.UUID, datetime] = field(default_factory=dict)
     # Dead letters and recent timings for the operator console (None: no console data).
     console: ConsoleStore | None = None
+    # Where status and list reads go (a read replica); None: the store itself.
+    reader: RequestReader | None = None
+
+    @property
+    def reads(self) -> RequestReader:
+        """The store for reads that may be a little stale: status by id and list pages.
+
+        Anything that decides a state change reads inside ``store.transaction()`` instead.
+        """
+        return self.reader if self.reader is not None else self.store
 
     def observe_duration(self, task_type: str, seconds: float) -> None:
         previous = self.durations.get(task_type)

@@ -114,12 +114,13 @@ def _replay(ctx: Context, request: Request) -> Submission:
     return Submission(request, False, ctx.durations.get(request.task_type))
 
 
-async def get_request(ctx: Context, request_id: uuid.UUID) -> Request:
-    """A request by id: finished ones from the cache, running ones from the store."""
+async def get_request(ctx: Context, request_id: uuid.UUID, *, primary: bool = False) -> Request:
+    """A request by id: finished ones from the cache, running ones from the store (its read
+    replica, if any, unless ``primary``)."""
     request = await ctx.request_cache.get(request_id)
     if request is not None:
         return request
-    request = await ctx.store.get_request(request_id)
+    request = await (ctx.store if primary else ctx.reads).get_request(request_id)
     if request is None:
         raise RequestNotFound(f"Request {request_id} not found")
     if request.terminal:
@@ -135,19 +136,22 @@ async def wait_for_request(ctx: Context, request_id: uuid.UUID, timeout: float) 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     # Following from the first event, so an outcome recorded since the read above is seen.
+    finished = False
     async with ctx.events.follow(request_id, None, idle_timeout=min(timeout, 1.0)) as events:
         async for event in events:
             if event is not None and event.data.get("status") in TERMINAL_NAMES:
+                finished = True
                 break
             if loop.time() >= deadline:
                 break
-    return await get_request(ctx, request_id)
+    # Told it finished: a read replica may not have the outcome yet, the primary has.
+    return await get_request(ctx, request_id, primary=finished)
 
 
 async def list_requests(ctx: Context, query: RequestQuery) -> tuple[list[Request], str | None]:
     """A page of requests, newest first, and the cursor of the next page (None at the end)."""
     limit = max(1, min(query.limit, MAX_PAGE))
-    rows = await ctx.store.list_requests(
+    rows = await ctx.reads.list_requests(
         RequestQuery(
             statuses=query.statuses,
             task_type=query.task_type,

@@ -29,12 +29,14 @@ _TIMING_COLUMNS = [
 class SqlConsoleStore:
     """A :class:`~enginedge.application.ports.ConsoleStore` over an async engine."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, read_engine: AsyncEngine | None = None) -> None:
         self.engine = engine
+        # Charts may be a little stale: read them from the replica when there is one.
+        self.read_engine = read_engine or engine
 
     async def _fetch(self, query: Select[Any]) -> list[Any]:
         with unavailable_on_error():
-            async with self.engine.connect() as conn:
+            async with self.read_engine.connect() as conn:
                 return list(await conn.execute(query))
 
     async def request_timings(self, since: datetime, limit: int) -> list[RequestTiming]:

@@ -24,6 +24,21 @@ class PoolSettings:
     retry_delay: float = 3.0
     acquire_timeout: float = 60.0
     idle_timeout: float = 300.0
+    # The URL points at PgBouncer in transaction pooling mode (DB_PGBOUNCER).
+    pgbouncer: bool = False
+
+
+# ``?pgbouncer=true`` in a database URL means the same as DB_PGBOUNCER=true (the convention
+# other PostgreSQL clients use); it is removed before the URL reaches the driver.
+PGBOUNCER_QUERY = "pgbouncer"
+
+
+def behind_pgbouncer(database_url: str) -> bool:
+    """Whether ``database_url`` says, with ``?pgbouncer=true``, that it points at PgBouncer."""
+    value = make_url(database_url).query.get(PGBOUNCER_QUERY)
+    if isinstance(value, tuple):
+        value = value[-1]
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def async_url(database_url: str) -> URL:
@@ -32,6 +47,7 @@ def async_url(database_url: str) -> URL:
     backend = url.get_backend_name()
     if backend in ("postgresql", "postgres"):
         query = dict(url.query)
+        query.pop(PGBOUNCER_QUERY, None)
         sslmode = query.pop("sslmode", None)
         if sslmode is not None:
             query["ssl"] = sslmode
@@ -69,7 +85,21 @@ def create_engine(database_url: str, pool: PoolSettings) -> AsyncEngine:
         "pool_pre_ping": True,
         "connect_args": {"timeout": 10, "command_timeout": 30},
     }
+    if pool.pgbouncer or behind_pgbouncer(database_url):
+        kwargs["connect_args"].update(_PGBOUNCER_CONNECT_ARGS)
+        url = url.update_query_dict({"prepared_statement_cache_size": "0"})
     return create_async_engine(url, **kwargs)
+
+
+# PgBouncer in transaction pooling mode hands each transaction whichever server connection
+# is free, so nothing may outlive a transaction on the server. asyncpg's statement cache off
+# (and SQLAlchemy's, set in the URL) makes every statement an unnamed one, parsed again with
+# each execution, so no named prepared statement is left on a server connection for another
+# client to collide with. Everything else the store does already fits that mode: each
+# statement runs in an explicit transaction (SQLAlchemy's asyncpg dialect begins one, its
+# pre-ping too), the migration lock is pg_advisory_xact_lock, and nothing uses SET, LISTEN
+# or session advisory locks.
+_PGBOUNCER_CONNECT_ARGS: dict[str, Any] = {"statement_cache_size": 0}
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
