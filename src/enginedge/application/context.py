@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from enginedge.application.batching import RequestWriter
 from enginedge.application.ports import (
     Cache,
     Clock,
@@ -70,6 +71,8 @@ class Context:
     unheld_since: dict[uuid.UUID, datetime] = field(default_factory=dict)
     # Dead letters and recent timings for the operator console (None: no console data).
     console: ConsoleStore | None = None
+    # Writes accepted requests, many per commit under load (see application.batching).
+    writer: RequestWriter = field(init=False)
     # Where status and list reads go (a read replica); None: the store itself.
     reader: RequestReader | None = None
 
@@ -84,3 +87,6 @@ class Context:
     def observe_duration(self, task_type: str, seconds: float) -> None:
         previous = self.durations.get(task_type)
         self.durations[task_type] = seconds if previous is None else 0.8 * previous + 0.2 * seconds
+
+    def __post_init__(self) -> None:
+        self.writer = RequestWriter(lambda: self.store)

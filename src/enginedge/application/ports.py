@@ -61,7 +61,10 @@ class RequestQuery:
 class StoreTransaction(Protocol):
     """Reads and writes that commit or roll back together."""
 
-    async def add_request(self, request: Request) -> None: ...
+    async def add_requests(self, requests: Sequence[Request]) -> None:
+        """Insert new requests in one statement; any conflict fails them all, with
+        ``IdempotencyKeyTaken`` if one of them has an idempotency key."""
+        ...
 
     async def find_by_idempotency_key(self, caller: str, key: str) -> Request | None: ...
 

@@ -94,9 +94,7 @@ async def submit(ctx: Context, cmd: SubmitCommand) -> Submission:
         traceparent=valid_traceparent(cmd.traceparent) or new_traceparent(),
     )
     try:
-        async with ctx.store.transaction() as tx:
-            await tx.add_request(request)
-            await tx.enqueue([dispatch_message(request)])
+        await ctx.writer.add(request, [dispatch_message(request)])
     except IdempotencyKeyTaken:
         assert cmd.idempotency_key is not None
         async with ctx.store.transaction() as tx:

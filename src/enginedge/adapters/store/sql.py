@@ -190,14 +190,17 @@ class SqlTransaction:
     async def _requests(self, query: Select[Any]) -> list[Request]:
         return [_to_request(row) for row in await self._conn.execute(query)]
 
-    async def add_request(self, request: Request) -> None:
+    async def add_requests(self, requests: Sequence[Request]) -> None:
+        if not requests:
+            return
         try:
             await self._conn.execute(
-                insert(t.requests).values(id=request.id, **_request_values(request))
+                insert(t.requests), [{"id": r.id, **_request_values(r)} for r in requests]
             )
         except IntegrityError as exc:
-            if request.idempotency_key is not None:
-                raise IdempotencyKeyTaken(request.idempotency_key) from exc
+            keys = [r.idempotency_key for r in requests if r.idempotency_key is not None]
+            if keys:  # ids are random UUIDs: the unique (caller, key) is what clashed
+                raise IdempotencyKeyTaken(keys[0]) from exc
             raise
 
     async def find_by_idempotency_key(self, caller: str, key: str) -> Request | None:
