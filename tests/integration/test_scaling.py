@@ -114,14 +114,21 @@ async def test_status_and_list_read_the_replica_and_a_new_request_is_still_found
 
             await until("replay to pause", paused)
 
-            # The request finishes on the primary; its status still comes from the replica.
+            # A change made on the primary alone: status and list reads do not see it yet.
+            await on_primary.execute(
+                "UPDATE requests SET correlation_id = 'only-on-the-primary' WHERE id = $1",
+                uuid.UUID(running),
+            )
+            seen = await svc.get(running)
+            assert (seen["status"], seen["correlationId"]) == ("PROCESSING", None), seen
+
+            # The request finishes on the primary.
             probe.release.set()
 
             async def primary_has_it_done() -> bool:
                 return await status_in(on_primary, running) == "COMPLETED"
 
             await until("the request to complete on the primary", primary_has_it_done)
-            assert (await svc.get(running))["status"] == "PROCESSING"  # stale: the replica's
 
             # A request created now is not on the replica, yet readable right after its 202.
             accepted = await svc.submit("test.echo", {"n": 1})
@@ -134,9 +141,9 @@ async def test_status_and_list_read_the_replica_and_a_new_request_is_still_found
 
             # Lists come from the replica: the new request is not there yet.
             page = await svc.client.get("/api/requests", headers={"X-API-Key": API_KEY})
-            listed = {item["requestId"]: item["status"] for item in page.json()["items"]}
+            listed = {item["requestId"]: item for item in page.json()["items"]}
             assert set(listed) == {running, slow}, listed
-            assert listed[running] == "PROCESSING"
+            assert listed[running]["correlationId"] is None
 
             # Long polling returns the outcome once told of it, though the replica lags.
             waited = await svc.client.get(
@@ -157,6 +164,9 @@ async def test_status_and_list_read_the_replica_and_a_new_request_is_still_found
                 return listed == {running, slow, fresh}
 
             await until("the list to show both requests", listed_both)
+            page = await svc.client.get("/api/requests", headers={"X-API-Key": API_KEY})
+            marked = {item["requestId"]: item["correlationId"] for item in page.json()["items"]}
+            assert marked[running] == "only-on-the-primary"
     finally:
         await on_primary.close()
         await on_replica.close()
