@@ -29,7 +29,12 @@ from enginedge.adapters.cache.inprocess import (
     InProcessRequestCache,
 )
 from enginedge.adapters.store.console import SqlConsoleStore
-from enginedge.adapters.store.engine import PoolSettings, connect_with_retries, create_engine
+from enginedge.adapters.store.engine import (
+    PoolSettings,
+    connect_with_retries,
+    create_engine,
+    create_sqlite_reader,
+)
 from enginedge.adapters.store.migrate import head_revision, upgrade
 from enginedge.adapters.store.replica import ReplicaReader
 from enginedge.adapters.store.sql import SqlStore
@@ -44,6 +49,7 @@ from enginedge.application.ports import (
     MessageBus,
     RateLimiter,
     RequestCache,
+    RequestReader,
     WorkerRegistry,
 )
 from enginedge.config import Settings
@@ -196,11 +202,13 @@ def build_service(settings: Settings, extra_workers: list[WorkerApp] | None = No
         if settings.database_read_url
         else None
     )
-    reader = (
-        ReplicaReader(SqlStore(read_engine, head_revision(), tracing), store)
-        if read_engine is not None
-        else None
-    )
+    reader: RequestReader | None = None
+    if read_engine is not None:
+        reader = ReplicaReader(SqlStore(read_engine, head_revision(), tracing), store)
+    elif engine.dialect.name == "sqlite":
+        # Embedded: reads on connections of their own, never queued behind a flush.
+        read_engine = create_sqlite_reader(settings.effective_database_url, pool_from(settings))
+        reader = SqlStore(read_engine, head_revision(), tracing)
     caches = create_cache(settings, store)
     metrics = PrometheusMetrics()
     prober = HttpWorkerProber()

@@ -80,6 +80,8 @@ async def record_results(
     for event in events:
         await ctx.events.append(event)
     for request in done:
+        # Callers waiting on the outcome read it next: from the cache, not the store.
+        await ctx.request_cache.put(request)
         finished(ctx, request)
     return refused
 

@@ -25,8 +25,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import aiohttp
 import httpx
 import psutil
+import uvloop
 
 Mode = Literal["embedded", "distributed", "external"]
 TERMINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"})
@@ -141,21 +143,27 @@ class _Sampler:
         return round(self.peak_rss / 2**20, 1) if self._process is not None else None
 
 
-async def _one(client: httpx.AsyncClient, i: int) -> float:
+class _Failed(Exception):
+    """One round trip that did not end ``COMPLETED`` with its payload echoed."""
+
+
+async def _one(session: aiohttp.ClientSession, url: str, i: int) -> float:
     """Submit one echo task and wait for its terminal status; the seconds it took."""
     start = time.perf_counter()
-    response = await client.post("/api/orchestrate", json={"taskType": "echo", "payload": {"n": i}})
-    if response.status_code != 202:
-        raise BenchError(f"submit answered {response.status_code}: {response.text[:200]}")
-    url = response.json()["statusUrl"]
+    async with session.post(
+        f"{url}/api/orchestrate", json={"taskType": "echo", "payload": {"n": i}}
+    ) as response:
+        if response.status != 202:
+            raise _Failed(f"submit answered {response.status}: {(await response.text())[:200]}")
+        status_url = (await response.json())["statusUrl"]
     while True:
-        answer = await client.get(url, params={"wait": WAIT_SECONDS})
-        if answer.status_code != 200:
-            raise BenchError(f"status answered {answer.status_code}: {answer.text[:200]}")
-        body = answer.json()
+        async with session.get(f"{url}{status_url}", params={"wait": WAIT_SECONDS}) as answer:
+            if answer.status != 200:
+                raise _Failed(f"status answered {answer.status}: {(await answer.text())[:200]}")
+            body = await answer.json()
         if body["status"] in TERMINAL:
             if body["status"] != "COMPLETED" or body.get("result") != {"n": i}:
-                raise BenchError(f"request ended {body['status']}: {body.get('error')}")
+                raise _Failed(f"request ended {body['status']}: {body.get('error')}")
             return time.perf_counter() - start
 
 
@@ -166,23 +174,25 @@ async def drive(
     concurrency: int,
     on_done: Callable[[], None] = lambda: None,
 ) -> tuple[list[float], list[str], float]:
-    """``total`` round trips from ``concurrency`` callers: latencies, errors, wall seconds."""
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    """``total`` round trips from ``concurrency`` callers: latencies, errors, wall seconds.
+
+    aiohttp rather than httpx: the client shares the machine with what it measures, and
+    httpx spent more CPU per round trip than the orchestrator did.
+    """
     latencies: list[float] = []
     errors: list[str] = []
     counter = iter(range(total))
-    async with httpx.AsyncClient(
-        base_url=url,
-        headers={"X-API-Key": api_key},
-        limits=limits,
-        timeout=WAIT_SECONDS + 30,
-    ) as client:
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    timeout = aiohttp.ClientTimeout(total=WAIT_SECONDS + 30)
+    async with aiohttp.ClientSession(
+        headers={"X-API-Key": api_key}, connector=connector, timeout=timeout
+    ) as session:
 
         async def caller() -> None:
             for i in counter:
                 try:
-                    latencies.append(await _one(client, i))
-                except (BenchError, httpx.HTTPError) as exc:
+                    latencies.append(await _one(session, url, i))
+                except (_Failed, aiohttp.ClientError, TimeoutError) as exc:
                     errors.append(str(exc) or type(exc).__name__)
                 on_done()
 
@@ -323,4 +333,4 @@ def run_bench(config: BenchConfig, on_done: Callable[[], None] = lambda: None) -
     if config.requests < 1 or config.concurrency < 1 or config.warmup < 0:
         raise BenchError("--requests and --concurrency must be at least 1, --warmup at least 0")
     with _service(config) as service:
-        return asyncio.run(_measure(service, config, on_done))
+        return uvloop.run(_measure(service, config, on_done))

@@ -102,6 +102,24 @@ def create_engine(database_url: str, pool: PoolSettings) -> AsyncEngine:
 _PGBOUNCER_CONNECT_ARGS: dict[str, Any] = {"statement_cache_size": 0}
 
 
+def create_sqlite_reader(database_url: str, pool: PoolSettings, size: int = 4) -> AsyncEngine:
+    """Read-only connections to the embedded SQLite file: in WAL mode they read the last
+    commit without waiting for the one writer connection (busy with a flush)."""
+    url = async_url(database_url)
+    engine = create_async_engine(
+        url, pool_size=size, max_overflow=0, pool_timeout=pool.acquire_timeout
+    )
+    event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+    event.listen(engine.sync_engine, "connect", _read_only)
+    return engine
+
+
+def _read_only(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA query_only=ON")
+    cursor.close()
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
