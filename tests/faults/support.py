@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -399,10 +399,10 @@ def kill(process: subprocess.Popen[bytes]) -> None:
 @dataclass
 class Sampler:
     """Every ``every`` seconds, for some processes: resident memory, open descriptors, TCP
-    connections in all, and those to the backing services (``backend_ports``)."""
+    connections in all, and those to each backing service (``backends``: name → port)."""
 
     pids: dict[str, int]
-    backend_ports: set[int] = field(default_factory=set)
+    backends: dict[str, int] = field(default_factory=dict)
     every: float = 2.0
     samples: list[dict[str, Any]] = field(default_factory=list)
     _task: asyncio.Task[None] | None = None
@@ -416,8 +416,9 @@ class Sampler:
                 "rss_mb": proc.memory_info().rss / 2**20,
                 "fds": proc.num_fds(),
                 "tcp": len(tcp),
-                "backend": sum(1 for c in tcp if c.raddr and c.raddr.port in self.backend_ports),
             }
+            for backend, port in self.backends.items():
+                row[name][backend] = sum(1 for c in tcp if c.raddr and c.raddr.port == port)
         return row
 
     async def _loop(self) -> None:
@@ -457,3 +458,45 @@ def check(v: Verdict, load: Load, expected: str = "COMPLETED") -> None:
     assert v.duplicated == 0
     assert v.wrong == 0
     assert v.extra_rows == 0
+
+
+@contextlib.contextmanager
+def embedded_service(workdir: Path, **env: str) -> Iterator[str]:
+    """`enginedge serve` on its embedded defaults (SQLite, in-process bus and workers) as a
+    child process on a free port; its URL."""
+    port = free_port()
+    environment = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("DATABASE_URL", "KAFKA_BROKERS", "REDIS_URL")
+    }
+    environment.update(
+        API_KEYS=H["X-API-Key"],
+        ENGINEDGE_DATA_DIR=str(workdir),
+        HOST="127.0.0.1",
+        PORT=str(port),
+        LOG_LEVEL="error",
+        **env,
+    )
+    with open(workdir / "service.log", "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "enginedge", "serve"],
+            env=environment,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, (workdir / "service.log").read_text()
+            try:
+                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the embedded service never became ready"
+            time.sleep(0.1)
+        yield url
+    finally:
+        assert stop_process(process) == 0, (workdir / "service.log").read_text()[-3000:]
