@@ -91,6 +91,7 @@ class PostgresServer:
     port: int
     data_dir: Path
     user_ids: tuple[int, int] | None
+    durable: bool = False
 
     @property
     def url(self) -> str:
@@ -108,21 +109,18 @@ class PostgresServer:
 
     def restart(self) -> None:
         self.stop()
-        self.process = _spawn_postgres(self.data_dir, self.port, self.user_ids)
+        self.process = _spawn_postgres(self.data_dir, self.port, self.user_ids, self.durable)
         wait_for_port(self.port, process=self.process)
 
 
 def _spawn_postgres(
-    data_dir: Path, port: int, ids: tuple[int, int] | None
+    data_dir: Path, port: int, ids: tuple[int, int] | None, durable: bool = False
 ) -> subprocess.Popen[bytes]:
-    # Test databases are throw-away: skip flushing to disk for speed.
-    settings = {
-        "listen_addresses": "127.0.0.1",
-        "max_connections": "200",
-        "fsync": "off",
-        "synchronous_commit": "off",
-        "full_page_writes": "off",
-    }
+    settings = {"listen_addresses": "127.0.0.1", "max_connections": "200"}
+    if not durable:
+        # Test databases are throw-away: skip flushing to disk for speed. (Benchmarks keep
+        # PostgreSQL's durable defaults.)
+        settings.update(fsync="off", synchronous_commit="off", full_page_writes="off")
     args = [
         str(postgres_bin_dir() / "postgres"),
         "-D",
@@ -145,8 +143,9 @@ def _spawn_postgres(
 
 
 @contextlib.contextmanager
-def postgres_server() -> Iterator[PostgresServer]:
-    """A fresh PostgreSQL cluster on a free port, removed afterwards."""
+def postgres_server(durable: bool = False) -> Iterator[PostgresServer]:
+    """A fresh PostgreSQL cluster on a free port, removed afterwards; ``durable`` keeps
+    PostgreSQL's default flushing on commit."""
     bin_dir = postgres_bin_dir()
     ids = _run_as()
     root = Path(tempfile.mkdtemp(prefix="enginedge-pg-"))
@@ -174,7 +173,9 @@ def postgres_server() -> Iterator[PostgresServer]:
         group=ids[1] if ids else None,
     )
     port = free_port()
-    server = PostgresServer(_spawn_postgres(data_dir, port, ids), port, data_dir, ids)
+    server = PostgresServer(
+        _spawn_postgres(data_dir, port, ids, durable), port, data_dir, ids, durable
+    )
     try:
         wait_for_port(port, process=server.process)
         yield server

@@ -77,8 +77,7 @@ async def record_results(
                     done.append(request)
         await tx.save_requests(list(changed.values()))
         await tx.add_results([Result.of(r, now) for r in done])
-    for event in events:
-        await ctx.events.append(event)
+    await ctx.events.append_all(events)
     for request in done:
         # Callers waiting on the outcome read it next: from the cache, not the store.
         await ctx.request_cache.put(request)

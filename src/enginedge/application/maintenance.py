@@ -203,8 +203,7 @@ async def _redispatch(
                     events.append(status_event(request))
                     terminal.append(request)
                     report.failed += 1
-        for event in events:
-            await ctx.events.append(event)
+        await ctx.events.append_all(events)
         for request in terminal:
             finished(ctx, request)
         if events:

@@ -112,8 +112,8 @@ async def relay_outbox(ctx: Context, batch_size: int = 500) -> int:
             if m.request_id is not None and m.attempt is not None
         ]
         dispatched = await tx.mark_dispatched(attempts, now) if attempts else []
+    await ctx.events.append_all([status_event(r) for r in dispatched])
     for request in dispatched:
-        await ctx.events.append(status_event(request))
         if request.attempts == 1:
             ctx.metrics.dispatched(request.worker_type, (now - request.created_at).total_seconds())
     return len(pending)

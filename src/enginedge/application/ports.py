@@ -226,6 +226,10 @@ class EventStream(Protocol):
         """Store ``event`` and return it with its id."""
         ...
 
+    async def append_all(self, events: Sequence[RequestEvent]) -> None:
+        """Store ``events`` in order, in as few round trips as the adapter can."""
+        ...
+
     async def history(self, request_id: uuid.UUID, after: str | None) -> list[RequestEvent]:
         """The stored events after ``after`` (all if None), without waiting."""
         ...

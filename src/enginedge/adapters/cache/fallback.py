@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import TypeVar
@@ -100,6 +100,11 @@ class FallbackEvents(_Fallback):
     async def append(self, event: RequestEvent) -> RequestEvent:
         return await self._try(
             lambda: self._primary.append(event), lambda: self._fallback.append(event)
+        )
+
+    async def append_all(self, events: Sequence[RequestEvent]) -> None:
+        await self._try(
+            lambda: self._primary.append_all(events), lambda: self._fallback.append_all(events)
         )
 
     async def history(self, request_id: uuid.UUID, after: str | None) -> list[RequestEvent]:

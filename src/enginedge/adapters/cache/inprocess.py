@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import datetime
@@ -53,6 +53,10 @@ class InProcessEventStream:
         if event.type == "status" and event.data.get("status") in _TERMINAL_NAMES:
             asyncio.get_running_loop().call_later(self._retention, self._drop, event.request_id)
         return stored
+
+    async def append_all(self, events: Sequence[RequestEvent]) -> None:
+        for event in events:
+            await self.append(event)
 
     def _drop(self, request_id: uuid.UUID) -> None:
         self._events.pop(request_id, None)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from typing import Any
@@ -62,7 +62,7 @@ def _dt(value: str | None) -> datetime | None:
 
 
 def worker_to_json(worker: Worker) -> bytes:
-    return orjson.dumps(dataclasses.asdict(worker), default=_default)
+    return orjson.dumps(worker, default=_default)
 
 
 def _text(value: bytes | str) -> str:
@@ -90,7 +90,8 @@ def worker_from_json(raw: bytes | str) -> Worker:
 
 
 def request_to_json(request: Request) -> bytes:
-    return orjson.dumps(dataclasses.asdict(request), default=_default)
+    # orjson writes dataclasses itself, without asdict's deep copy of payload and result.
+    return orjson.dumps(request, default=_default)
 
 
 def request_from_json(raw: bytes | str) -> Request:
@@ -161,19 +162,31 @@ class RedisEventStream:
         )
 
     async def append(self, event: RequestEvent) -> RequestEvent:
-        key = self._key(event.request_id)
-        terminal = event.type == "status" and event.data.get("status") in _TERMINAL_NAMES
-        async with self._r.pipeline(transaction=True) as pipe:
-            pipe.xadd(
-                key,
-                {"type": event.type, "data": orjson.dumps(event.data)},
-                maxlen=MAX_EVENTS_PER_REQUEST,
-                approximate=True,
-            )
-            # A stream lives for a day while its request runs, ``retention`` once it ended.
-            pipe.expire(key, self._retention if terminal else max(self._retention, 86_400))
+        async with self._r.pipeline(transaction=False) as pipe:
+            self._queue(pipe, event)
             entry_id, _ = await pipe.execute()
         return dataclasses.replace(event, id=_text(entry_id))
+
+    async def append_all(self, events: Sequence[RequestEvent]) -> None:
+        if not events:
+            return
+        # One round trip for a batch of outcomes; each stream still gets its events in order.
+        async with self._r.pipeline(transaction=False) as pipe:
+            for event in events:
+                self._queue(pipe, event)
+            await pipe.execute()
+
+    def _queue(self, pipe: Any, event: RequestEvent) -> None:
+        key = self._key(event.request_id)
+        terminal = event.type == "status" and event.data.get("status") in _TERMINAL_NAMES
+        pipe.xadd(
+            key,
+            {"type": event.type, "data": orjson.dumps(event.data)},
+            maxlen=MAX_EVENTS_PER_REQUEST,
+            approximate=True,
+        )
+        # A stream lives for a day while its request runs, ``retention`` once it ended.
+        pipe.expire(key, self._retention if terminal else max(self._retention, 86_400))
 
     async def history(self, request_id: uuid.UUID, after: str | None) -> list[RequestEvent]:
         start = f"({after}" if after else "-"
