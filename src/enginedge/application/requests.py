@@ -20,7 +20,7 @@ from enginedge.domain.errors import (
     RequestNotFound,
 )
 from enginedge.domain.messages import new_traceparent, valid_traceparent
-from enginedge.domain.model import TERMINAL_STATUSES, Request, Worker
+from enginedge.domain.model import TERMINAL_STATUSES, Request, RequestEvent, Worker
 from enginedge.domain.routing import choose_worker
 from enginedge.domain.tasks import BUILTIN_TASKS, check_payload, check_task_type, parse_metadata
 
@@ -127,23 +127,42 @@ async def get_request(ctx: Context, request_id: uuid.UUID, *, primary: bool = Fa
 
 
 async def wait_for_request(ctx: Context, request_id: uuid.UUID, timeout: float) -> Request:
-    """A request once it is terminal, or as it is after ``timeout`` seconds (long polling)."""
-    request = await get_request(ctx, request_id)
-    if request.terminal or timeout <= 0:
-        return request
+    """A request once it is terminal, or as it is after ``timeout`` seconds (long polling).
+
+    A waiting caller costs the store nothing: its request's events say how it goes, and
+    the outcome is read from the request cache, where it is put as it is recorded. The
+    store is read only for a request without events (unknown, or its events expired) and
+    for the answer of a wait that ran out.
+    """
+    if timeout <= 0:
+        return await get_request(ctx, request_id)
+    cached = await ctx.request_cache.get(request_id)
+    if cached is not None:
+        return cached
+    history = await ctx.events.history(request_id, None)
+    if not history:
+        request = await get_request(ctx, request_id)  # 404 for an unknown id
+        if request.terminal:
+            return request
+    if any(_is_terminal(e) for e in history):
+        return await get_request(ctx, request_id, primary=True)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    # Following from the first event, so an outcome recorded since the read above is seen.
+    after = history[-1].id if history else None
     finished = False
-    async with ctx.events.follow(request_id, None, idle_timeout=min(timeout, 1.0)) as events:
+    async with ctx.events.follow(request_id, after, idle_timeout=min(timeout, 1.0)) as events:
         async for event in events:
-            if event is not None and event.data.get("status") in TERMINAL_NAMES:
+            if event is not None and _is_terminal(event):
                 finished = True
                 break
             if loop.time() >= deadline:
                 break
     # Told it finished: a read replica may not have the outcome yet, the primary has.
     return await get_request(ctx, request_id, primary=finished)
+
+
+def _is_terminal(event: RequestEvent) -> bool:
+    return event.type == "status" and event.data.get("status") in TERMINAL_NAMES
 
 
 async def list_requests(ctx: Context, query: RequestQuery) -> tuple[list[Request], str | None]:

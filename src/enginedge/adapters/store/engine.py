@@ -82,7 +82,10 @@ def create_engine(database_url: str, pool: PoolSettings) -> AsyncEngine:
         "pool_timeout": pool.acquire_timeout,
         # SQLAlchemy has no idle timeout; recycling connections older than it is the nearest.
         "pool_recycle": pool.idle_timeout,
-        "pool_pre_ping": True,
+        # No ping before each use (a round trip per transaction): a connection found dead
+        # fails its one operation (503 or a retried loop) and SQLAlchemy then discards every
+        # connection made before it.
+        "pool_pre_ping": False,
         "connect_args": {"timeout": 10, "command_timeout": 30},
     }
     if pool.pgbouncer or behind_pgbouncer(database_url):
