@@ -103,10 +103,33 @@ def _timestamp(data: dict[str, Any], name: str) -> datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
+# Counters, attempts, capacities and durations are 32-bit integer columns in the store: a
+# larger value would fail there, on every retry, instead of going to the DLQ here.
+INT32_MAX = 2**31 - 1
+
+
 def _positive(data: dict[str, Any], name: str, *, minimum: int = 0) -> int:
     value: int = _field(data, name, int)
     if value < minimum:
         raise MalformedMessage(f"field {name!r} must be at least {minimum}")
+    if value > INT32_MAX:
+        raise MalformedMessage(f"field {name!r} must be at most {INT32_MAX}")
+    return value
+
+
+def _without_nul(value: Any, name: str) -> Any:
+    """PostgreSQL keeps no NUL character in text or JSON: such a message goes to the DLQ
+    here rather than failing in the store on every retry."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise MalformedMessage(f"field {name!r} contains a NUL character")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _without_nul(key, name)
+            _without_nul(item, name)
+    elif isinstance(value, list):
+        for item in value:
+            _without_nul(item, name)
     return value
 
 
@@ -191,8 +214,8 @@ class ResultMessage:
         kind = _field(data, "kind", str)
         if kind not in RESULT_KINDS:
             raise MalformedMessage(f"field 'kind' must be one of {sorted(RESULT_KINDS)}")
-        result = _field(data, "result", dict, optional=True)
-        error = _field(data, "error", str, optional=True)
+        result = _without_nul(_field(data, "result", dict, optional=True), "result")
+        error = _without_nul(_field(data, "error", str, optional=True), "error")
         if kind == "completed" and result is None:
             raise MalformedMessage("a completed message needs a 'result' object")
         if kind == "failed" and error is None:
@@ -264,6 +287,7 @@ class HeartbeatMessage:
         if not isinstance(in_flight, list) or not all(isinstance(r, str) for r in in_flight):
             raise MalformedMessage("field 'inFlight' must be a list of request ids")
         endpoint = _field(data, "endpoint", str)
+        _without_nul([worker_type, endpoint, capabilities, in_flight, data.get("reason")], "*")
         if len(endpoint) > 255:
             raise MalformedMessage("field 'endpoint' must have at most 255 characters")
         return cls(
