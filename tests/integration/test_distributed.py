@@ -524,3 +524,28 @@ async def test_sigterm_drains_a_worker_process_and_loses_nothing(
         assert body["status"] == "COMPLETED", body
         assert body["attempts"] == 1  # finished by the draining worker, not re-run
         assert body["result"] == {"columns": ["n"], "rows": [[142857143]]}
+
+
+def test_bench_short_form_in_distributed_mode(cluster: Cluster) -> None:
+    """`enginedge bench --mode distributed` starts an orchestrator and a worker process on
+    the suite's PostgreSQL, broker and Redis, and reports every round trip (no timing
+    asserted: that is docs/performance.md's business)."""
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "enginedge", "bench", "--mode", "distributed", "--json"),
+            *("--requests", "40", "--concurrency", "4", "--warmup", "4"),
+            *("--database-url", cluster.database_url, "--kafka-brokers", cluster.brokers),
+            *("--redis-url", f"redis://127.0.0.1:{cluster.redis.port}/0"),
+            *("--log-dir", str(cluster.tmp / "bench")),
+        ],
+        env=cluster.env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = orjson.loads(done.stdout)
+    assert (report["mode"], report["completed"], report["errors"]) == ("distributed", 40, 0)
+    assert report["orchestrator_peak_rss_mb"] > 10
+    assert (cluster.tmp / "bench" / "worker.log").exists()
