@@ -2,16 +2,40 @@
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from enginedge.domain.model import Request, Worker
 
 
 class Model(BaseModel):
     model_config = ConfigDict(populate_by_name=True)
+
+
+def _storable(value: Any) -> Any:
+    """JSON that can be kept and sent on as given: no lone surrogates (not UTF-8), no NUL
+    characters (PostgreSQL keeps none), no infinite numbers (1e999 parses as one)."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise ValueError("strings must be valid UTF-8") from None
+        if "\x00" in value:
+            raise ValueError("strings must not contain NUL characters")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError("numbers must be finite")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _storable(key)
+            _storable(item)
+    elif isinstance(value, list):
+        for item in value:
+            _storable(item)
+    return value
 
 
 class OrchestrateBody(Model):
@@ -26,6 +50,11 @@ class OrchestrateBody(Model):
         description="Optional: priority (-100..100), correlationId, timeout (seconds), "
         "callbackUrl; other fields are kept as given",
     )
+
+    @field_validator("taskType", "payload", "metadata")
+    @classmethod
+    def _json_that_can_be_kept(cls, value: Any) -> Any:
+        return _storable(value)
 
 
 class OrchestrateResponse(Model):
