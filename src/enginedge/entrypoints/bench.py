@@ -332,5 +332,14 @@ def run_bench(config: BenchConfig, on_done: Callable[[], None] = lambda: None) -
     """Start what ``config`` asks for, measure, stop it all; the figures."""
     if config.requests < 1 or config.concurrency < 1 or config.warmup < 0:
         raise BenchError("--requests and --concurrency must be at least 1, --warmup at least 0")
-    with _service(config) as service:
-        return uvloop.run(_measure(service, config, on_done))
+    # SIGTERM unwinds like Ctrl-C, so that the processes the bench started are stopped.
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        with _service(config) as service:
+            return uvloop.run(_measure(service, config, on_done))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
