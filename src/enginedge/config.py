@@ -239,7 +239,7 @@ VARIABLES: tuple[Variable, ...] = (
         "60",
         _positive_float,
         "seconds a dispatched request may wait for a worker to start it before it is "
-        "dispatched again",
+        "sent again (only while every worker of its type is idle)",
     ),
     Variable(
         "MAX_ATTEMPTS",
