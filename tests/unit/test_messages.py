@@ -35,6 +35,12 @@ def test_round_trips() -> None:
         WID, "llm", "http://w:8080", ["llm.chat"], 4, 1, "HEALTHY", NOW, [str(uuid.uuid4())]
     )
     assert HeartbeatMessage.from_json(beat.to_json()) == beat
+    idle = HeartbeatMessage(
+        WID, "llm", "http://w:8080", ["llm.chat"], 4, 0, "HEALTHY", NOW, idle=True
+    )
+    assert orjson.loads(idle.to_json())["idle"] is True
+    assert HeartbeatMessage.from_json(idle.to_json()) == idle
+    assert "idle" not in orjson.loads(beat.to_json())  # only said when true
     control = ControlMessage("cancel", uuid.uuid4())
     assert ControlMessage.from_json(control.to_json()) == control
 
