@@ -14,7 +14,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import orjson
 
 from enginedge.domain.errors import InvalidPayload
@@ -57,6 +56,8 @@ class DataSession:
     def __init__(self, data_root: Path, task: Task) -> None:
         self._root = data_root.resolve()
         # No progress bar: DuckDB would draw it on the worker's stdout.
+        import duckdb  # here, not at the top: 24 MB that only data tasks need
+
         self.con = duckdb.connect(":memory:")
         self.con.execute("SET enable_progress_bar = false")
         task.on_cancel(self.con.interrupt)
@@ -136,6 +137,8 @@ def _checked(task: Task) -> None:
 
 
 def run_sql(data_root: Path, task: Task) -> JSON:
+    import duckdb
+
     _checked(task)
     session = DataSession(data_root, task)
     try:
@@ -152,6 +155,8 @@ def run_sql(data_root: Path, task: Task) -> JSON:
 
 
 def describe(data_root: Path, task: Task) -> JSON:
+    import duckdb
+
     _checked(task)
     session = DataSession(data_root, task)
     try:
