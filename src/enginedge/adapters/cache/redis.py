@@ -233,7 +233,9 @@ class RedisRateLimiter:
     async def hit(self, key: str, limit: int, window_seconds: int, now: datetime) -> int | None:
         window = int(now.timestamp()) // window_seconds
         counter = f"{PREFIX}rl:{key}:{window}"
-        async with self._r.pipeline(transaction=True) as pipe:
+        # Pipelined, not MULTI/EXEC: the EXPIRE always follows its INCR, and every API call
+        # pays for this round trip.
+        async with self._r.pipeline(transaction=False) as pipe:
             pipe.incr(counter)
             pipe.expire(counter, window_seconds + 1)
             count, _ = await pipe.execute()
