@@ -7,7 +7,7 @@ TSTAMP := $(VENV)/.installed-test
 DSTAMP := $(VENV)/.installed-deploy-lint
 
 .PHONY: run test lint lint-deploy unit install install-test install-deploy-lint servers \
-        container-tools clean
+        container-tools clean test-faults soak reliability-report
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -54,6 +54,19 @@ unit: install-test
 ## Install everything, then lint, type-check and run the whole suite against real servers.
 test: servers container-tools lint lint-deploy
 	$(BIN)/pytest -q
+
+## The fault, bad-input and load suite alone (also part of `make test`, which runs all of
+## tests/); its figures go to artifacts/reliability/. See docs/reliability.md.
+test-faults: servers
+	$(BIN)/pytest tests/faults -q
+
+## The full 10-minute soak (CI runs it for 60 s inside the fault suite).
+soak: servers
+	SOAK_SECONDS=600 $(BIN)/pytest tests/faults/test_soak.py -q
+
+## Rewrite the tables of docs/reliability.md from artifacts/reliability/*.json.
+reliability-report:
+	$(BIN)/python scripts/reliability_report.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist
