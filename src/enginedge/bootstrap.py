@@ -28,6 +28,7 @@ from enginedge.adapters.cache.inprocess import (
     InProcessRegistry,
     InProcessRequestCache,
 )
+from enginedge.adapters.cache.snapshot import SnapshotRegistry
 from enginedge.adapters.store.console import SqlConsoleStore
 from enginedge.adapters.store.engine import (
     PoolSettings,
@@ -142,7 +143,9 @@ def create_cache(settings: Settings, store: SqlStore) -> CacheAdapters:
     # A worker silent for ten TTLs is forgotten by the registry (it is UNHEALTHY long before).
     registry_ttl = timedelta(seconds=settings.worker_heartbeat_ttl * 10)
     return CacheAdapters(
-        registry=FallbackRegistry(r.RedisRegistry(client, registry_ttl), StoreRegistry(store)),
+        registry=SnapshotRegistry(
+            FallbackRegistry(r.RedisRegistry(client, registry_ttl), StoreRegistry(store))
+        ),
         events=FallbackEvents(
             r.RedisEventStream(client, blocking, retention),
             InProcessEventStream(retention_seconds=retention),

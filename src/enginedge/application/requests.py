@@ -136,9 +136,6 @@ async def wait_for_request(ctx: Context, request_id: uuid.UUID, timeout: float) 
     """
     if timeout <= 0:
         return await get_request(ctx, request_id)
-    cached = await ctx.request_cache.get(request_id)
-    if cached is not None:
-        return cached
     history = await ctx.events.history(request_id, None)
     if not history:
         request = await get_request(ctx, request_id)  # 404 for an unknown id
