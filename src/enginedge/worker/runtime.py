@@ -12,7 +12,6 @@ import contextlib
 import logging
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -37,8 +36,6 @@ from enginedge.domain.messages import (
 from enginedge.worker.app import JSON, Task, TaskFailed, WorkerApp
 
 log = logging.getLogger(__name__)
-
-FINISHED_MEMORY = 10_000
 
 
 def _now() -> datetime:
@@ -92,9 +89,6 @@ class WorkerRuntime:
         self._last_poll = time.monotonic()
         # Since when polls with free slots have brought nothing (None: not so now).
         self._empty_since: float | None = None
-        # Dispatches this worker finished lately, by (request, attempt): a redelivery of one
-        # (a consumer that read its partition again) is not run twice.
-        self._finished: OrderedDict[tuple[uuid.UUID, int], None] = OrderedDict()
         self._requests: Subscription | None = None
         self._control: Subscription | None = None
         self.max_active = 0  # highest concurrency seen, for tests and the health endpoint
@@ -234,12 +228,11 @@ class WorkerRuntime:
         except MalformedMessage as exc:
             await self._dead_letter(message, str(exc))
             return
-        if (
-            dispatch.request_id in self._running
-            or (dispatch.request_id, dispatch.attempt) in self._finished
-            or dispatch.deadline <= self._clock()
-        ):
-            return  # running or run here (a redelivery), or too late to matter
+        # A dispatch of a request this worker already finished is run again: the orchestrator
+        # sends one again only when no outcome reached it (a lost result), and it ignores a
+        # second outcome of the same attempt.
+        if dispatch.request_id in self._running or dispatch.deadline <= self._clock():
+            return  # already running here (a redelivery), or too late to matter
         task = Task(
             request_id=dispatch.request_id,
             attempt=dispatch.attempt,
@@ -280,7 +273,6 @@ class WorkerRuntime:
             await self._progress(task, running.seq, headers, chunk)
 
         task._report = report
-        reported = False
         try:
             await self._progress(task, 0, headers, None)  # "started"
             try:
@@ -298,13 +290,11 @@ class WorkerRuntime:
                 await self._outcome(
                     task, running.seq + 1, headers, error=error, processing_time=_ms(started)
                 )
-                reported = True
                 return
             elapsed = _ms(started)
             await self._outcome(
                 task, running.seq + 1, headers, result=result, processing_time=elapsed
             )
-            reported = True
             log.info(
                 "request processed",
                 extra={
@@ -317,10 +307,6 @@ class WorkerRuntime:
             )
         finally:
             self._running.pop(task.request_id, None)
-            if reported:
-                self._finished[(task.request_id, task.attempt)] = None
-                if len(self._finished) > FINISHED_MEMORY:
-                    self._finished.popitem(last=False)
             self._slot_freed.set()
 
     async def _call(self, task: Task) -> JSON:
