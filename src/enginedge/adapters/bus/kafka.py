@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 WATCH_INTERVAL = 1.0
 REWIND_CHECK_INTERVAL = 1.0
 WATCH_TIMEOUT = 5.0
+METADATA_MAX_AGE_MS = 5000
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +82,7 @@ class KafkaSubscription:
                 enable_auto_commit=False,
                 auto_offset_reset="earliest",
                 fetch_max_wait_ms=self._bus.settings.fetch_max_wait_ms,
-                metadata_max_age_ms=5000,
+                metadata_max_age_ms=METADATA_MAX_AGE_MS,
                 # Workers pause their partitions while full but keep polling, so a long task
                 # never looks like a dead consumer.
                 max_poll_interval_ms=300_000,
@@ -208,6 +209,11 @@ class KafkaBus:
                     acks="all",
                     linger_ms=self.settings.linger_ms,
                     request_timeout_ms=10_000,
+                    # A key's partition is its hash modulo the partition count the producer
+                    # knows: after a topic is recreated with another count, five minutes of
+                    # stale metadata (the default) would send records to partitions no
+                    # consumer reads. The consumers refresh as often.
+                    metadata_max_age_ms=METADATA_MAX_AGE_MS,
                     **self.settings.common(),
                 )
                 try:
