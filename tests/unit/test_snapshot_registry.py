@@ -52,3 +52,13 @@ async def test_its_own_writes_show_at_once() -> None:
     await snapshot.upsert(replace(worker("a"), active=3))
     assert [w.active for w in await snapshot.all()] == [3]
     assert (await snapshot.get("a")) == replace(worker("a"), active=3)
+
+
+async def test_fresh_reads_bypass_the_copy() -> None:
+    shared = Counting()
+    snapshot = SnapshotRegistry(shared, max_age=60)
+    assert await snapshot.all() == []
+    await shared.upsert(worker("a"))  # another replica's heartbeat
+    assert await snapshot.all() == []
+    assert [w.id for w in await snapshot.all(fresh=True)] == ["a"]
+    assert [w.id for w in await snapshot.all()] == ["a"]  # and the copy is renewed

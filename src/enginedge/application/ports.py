@@ -216,7 +216,9 @@ class WorkerRegistry(Protocol):
 
     async def get(self, worker_id: str) -> Worker | None: ...
 
-    async def all(self) -> list[Worker]: ...
+    async def all(self, *, fresh: bool = False) -> list[Worker]:
+        """Every known worker; ``fresh`` bypasses any local copy of a shared registry."""
+        ...
 
 
 class EventStream(Protocol):

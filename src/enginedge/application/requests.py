@@ -16,6 +16,7 @@ from enginedge.application.ports import IdempotencyKeyTaken, RequestQuery
 from enginedge.domain.errors import (
     CannotCancel,
     InvalidTaskType,
+    NoEligibleWorkers,
     RateLimitExceeded,
     RequestNotFound,
 )
@@ -70,12 +71,8 @@ async def submit(ctx: Context, cmd: SubmitCommand) -> Submission:
             existing = await tx.find_by_idempotency_key(cmd.caller, cmd.idempotency_key)
         if existing is not None:
             return _replay(ctx, existing)
-    workers = await ctx.registry.all()
-    if cmd.task_type not in known_task_types(workers):
-        raise InvalidTaskType(f"Unknown task type {cmd.task_type}: no worker has announced it")
-    check_payload(cmd.task_type, cmd.payload)
     now = ctx.clock.now()
-    worker = choose_worker(workers, cmd.task_type, now, ctx.policy.heartbeat_ttl)
+    worker = await _route(ctx, cmd, now)
     timeout = timedelta(seconds=meta.timeout) if meta.timeout else ctx.policy.request_timeout
     request = Request(
         id=uuid.uuid4(),
@@ -106,6 +103,22 @@ async def submit(ctx: Context, cmd: SubmitCommand) -> Submission:
     await ctx.events.append(status_event(request))
     ctx.metrics.request_accepted(request.task_type, request.worker_type)
     return Submission(request, True, ctx.durations.get(request.task_type))
+
+
+async def _route(ctx: Context, cmd: SubmitCommand, now: datetime) -> Worker:
+    """The worker (type) to send the task to. The fleet may come from a local copy a moment
+    old: a "no" is checked once more against the registry itself before the caller hears it."""
+    try:
+        return _choose(ctx, cmd, now, await ctx.registry.all())
+    except (InvalidTaskType, NoEligibleWorkers):
+        return _choose(ctx, cmd, now, await ctx.registry.all(fresh=True))
+
+
+def _choose(ctx: Context, cmd: SubmitCommand, now: datetime, workers: list[Worker]) -> Worker:
+    if cmd.task_type not in known_task_types(workers):
+        raise InvalidTaskType(f"Unknown task type {cmd.task_type}: no worker has announced it")
+    check_payload(cmd.task_type, cmd.payload)
+    return choose_worker(workers, cmd.task_type, now, ctx.policy.heartbeat_ttl)
 
 
 def _replay(ctx: Context, request: Request) -> Submission:

@@ -67,7 +67,7 @@ class StoreRegistry:
     async def get(self, worker_id: str) -> Worker | None:
         return next((w for w in await self._store.list_workers() if w.id == worker_id), None)
 
-    async def all(self) -> list[Worker]:
+    async def all(self, *, fresh: bool = False) -> list[Worker]:
         return await self._store.list_workers()
 
 
@@ -85,7 +85,7 @@ class FallbackRegistry(_Fallback):
         )
         return worker or await self._fallback.get(worker_id)
 
-    async def all(self) -> list[Worker]:
+    async def all(self, *, fresh: bool = False) -> list[Worker]:
         # An empty registry is what a restarted (or flushed) Redis holds until the next
         # heartbeats: meanwhile the table knows the fleet.
         workers = await self._try(self._primary.all, self._fallback.all)

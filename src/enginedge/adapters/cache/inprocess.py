@@ -28,7 +28,7 @@ class InProcessRegistry:
         worker = self._workers.get(worker_id)
         return replace(worker) if worker else None
 
-    async def all(self) -> list[Worker]:
+    async def all(self, *, fresh: bool = False) -> list[Worker]:
         return [replace(w) for w in self._workers.values()]
 
 

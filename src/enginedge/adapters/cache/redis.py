@@ -127,7 +127,7 @@ class RedisRegistry:
         raw = await self._r.get(f"{PREFIX}worker:{worker_id}")
         return worker_from_json(raw) if raw else None
 
-    async def all(self) -> list[Worker]:
+    async def all(self, *, fresh: bool = False) -> list[Worker]:
         ids = sorted(_text(m) for m in await self._r.smembers(f"{PREFIX}workers"))
         if not ids:
             return []

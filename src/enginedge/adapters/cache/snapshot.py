@@ -33,9 +33,9 @@ class SnapshotRegistry:
     async def get(self, worker_id: str) -> Worker | None:
         return await self._shared.get(worker_id)
 
-    async def all(self) -> list[Worker]:
+    async def all(self, *, fresh: bool = False) -> list[Worker]:
         now = time.monotonic()
-        if self._copy is None or now - self._taken > self._max_age:
+        if fresh or self._copy is None or now - self._taken > self._max_age:
             self._copy = {w.id: w for w in await self._shared.all()}
             self._taken = now
         return list(self._copy.values())
