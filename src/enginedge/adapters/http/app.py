@@ -19,7 +19,6 @@ from enginedge.adapters.http.auth import KeyChecker, api_key_header, bearer, pre
 from enginedge.adapters.http.console import mount_console
 from enginedge.adapters.http.errors import install_error_handlers
 from enginedge.adapters.http.limits import BodySizeLimit
-from enginedge.adapters.http.params import get_ctx, parse_statuses
 from enginedge.adapters.http.schemas import (
     ErrorBody,
     HealthView,
@@ -48,6 +47,11 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     429: {"model": ErrorBody, "description": "RATE_LIMIT_EXCEEDED (see Retry-After)"},
     503: {"model": ErrorBody, "description": "SERVICE_UNAVAILABLE"},
 }
+
+
+def get_ctx(request: Request) -> Context:
+    service: Service = request.app.state.service
+    return service.ctx
 
 
 async def authenticated(
@@ -176,7 +180,13 @@ async def list_requests(
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> RequestPage:
     """Requests, newest first, with cursor pagination."""
-    statuses = parse_statuses(status)
+    statuses: list[RequestStatus] = []
+    for value in ",".join(status or []).split(","):
+        if value.strip():
+            try:
+                statuses.append(RequestStatus(value.strip().upper()))
+            except ValueError:
+                raise InvalidPayload(f"unknown status {value.strip()[:30]!r}") from None
     position = None
     if cursor is not None:
         position = use.decode_cursor(cursor)
