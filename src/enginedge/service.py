@@ -96,6 +96,7 @@ class Service:
             self.workers.append(runtime)
         await self._wait_for_registration()
         self._spawn("dispatcher", self._recover_then_dispatch())
+        self._spawn("finished-feed", self._follow_finished())
         log.info(
             "orchestrator started",
             extra={
@@ -130,6 +131,15 @@ class Service:
 
     def _spawn(self, name: str, coro: Awaitable[None]) -> None:
         self._tasks.append(asyncio.create_task(coro, name=name))  # type: ignore[arg-type]
+
+    async def _follow_finished(self) -> None:
+        """Wake this replica's long-polling callers whose requests finished elsewhere."""
+        waiters = self.ctx.waiters
+        async for ids in self.ctx.events.finished_feed():
+            if ids is None:
+                waiters.wake_all()
+            else:
+                waiters.wake(ids)
 
     async def _wait_for_registration(self, timeout: float = 5.0) -> None:
         """Let the in-process workers' first heartbeats land, so that the service does not

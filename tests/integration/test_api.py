@@ -422,6 +422,45 @@ async def test_long_polling_answers_when_the_request_ends(svc: Running, probe: P
     probe.release.set()
 
 
+async def test_a_submit_can_wait_for_the_outcome(svc: Running, probe: Probe) -> None:
+    body = {"taskType": "test.sleep", "payload": {"seconds": 0.2}}
+    done = await svc.client.post("/api/orchestrate?wait=10", headers=H, json=body)
+    assert done.status_code == 200
+    finished = done.json()
+    assert (finished["status"], finished["result"]) == ("COMPLETED", {"slept": 0.2})
+    assert finished["finishedAt"] is not None
+
+    # A replay of the same key waits too, and says it is a replay.
+    keyed = {**H, "Idempotency-Key": "wait-1"}
+    first = await svc.client.post("/api/orchestrate?wait=10", headers=keyed, json=body)
+    again = await svc.client.post("/api/orchestrate?wait=10", headers=keyed, json=body)
+    assert (first.status_code, again.status_code) == (200, 200)
+    assert again.json()["requestId"] == first.json()["requestId"]
+    assert again.headers["Idempotent-Replayed"] == "true"
+
+    # Not over within the wait: 202 as without it, and the request goes on.
+    started = asyncio.get_running_loop().time()
+    hung = await svc.client.post(
+        "/api/orchestrate", params={"wait": 0.5}, headers=H, json={"taskType": "test.hang"}
+    )
+    assert hung.status_code == 422  # no payload: refused before anything is kept
+    hung = await svc.client.post(
+        "/api/orchestrate",
+        params={"wait": 0.5},
+        headers=H,
+        json={"taskType": "test.hang", "payload": {}},
+    )
+    assert hung.status_code == 202
+    assert asyncio.get_running_loop().time() - started >= 0.45
+    assert hung.json()["status"] in ("PENDING", "DISPATCHED", "PROCESSING")
+    rid = hung.json()["requestId"]
+    await svc.wait_for(rid, lambda b: b["status"] == "PROCESSING")
+    bad = await svc.client.post("/api/orchestrate?wait=-1", headers=H, json=body)
+    assert bad.status_code == 422
+    probe.release.set()
+    assert (await svc.wait_terminal(rid))["status"] == "COMPLETED"
+
+
 # ------------------------------------------------------------------ lost dispatches
 
 

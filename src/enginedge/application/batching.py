@@ -10,11 +10,13 @@ a 202 keeps meaning "durable".
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import logging
+from collections.abc import Awaitable, Callable
 
 from enginedge.application.ports import OutboxMessage, RequestStore
 from enginedge.domain.model import Request
 
+log = logging.getLogger(__name__)
 MAX_BATCH = 256
 
 Entry = tuple[Request, list[OutboxMessage]]
@@ -23,10 +25,18 @@ Entry = tuple[Request, list[OutboxMessage]]
 class RequestWriter:
     """Writes new requests with their dispatches, many per transaction under load."""
 
-    def __init__(self, store: Callable[[], RequestStore], max_batch: int = MAX_BATCH) -> None:
+    def __init__(
+        self,
+        store: Callable[[], RequestStore],
+        committed: Callable[[list[Request]], Awaitable[None]],
+        max_batch: int = MAX_BATCH,
+    ) -> None:
         # The store is looked up when writing, so that a context whose store is swapped
         # (tests, a reconnect) is followed.
         self._store = store
+        # Told each committed batch (its events go out in one round trip), before its
+        # callers return.
+        self._committed = committed
         self._max_batch = max_batch
         self._waiting: list[tuple[Entry, asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
@@ -58,10 +68,20 @@ class RequestWriter:
                     except Exception as single:
                         _fail(done, single)
                     else:
+                        await self._tell([entry[0]])
                         _succeed(done)
             else:
+                await self._tell([request for (request, _), _ in batch])
                 for _, done in batch:
                     _succeed(done)
+
+    async def _tell(self, requests: list[Request]) -> None:
+        try:
+            await self._committed(requests)
+        except Exception:
+            # The requests are durable and will be dispatched: a caller must not hear
+            # otherwise because their first event could not be told.
+            log.exception("could not tell that requests were accepted")
 
     async def _write(self, entries: list[Entry]) -> None:
         async with self._store().transaction() as tx:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from enginedge.application.batching import RequestWriter
+from enginedge.application.events import status_event
 from enginedge.application.ports import (
     Cache,
     Clock,
@@ -22,6 +23,8 @@ from enginedge.application.ports import (
     WorkerProber,
     WorkerRegistry,
 )
+from enginedge.application.waiters import Waiters
+from enginedge.domain.model import Request
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +78,8 @@ class Context:
     writer: RequestWriter = field(init=False)
     # Where status and list reads go (a read replica); None: the store itself.
     reader: RequestReader | None = None
+    # Callers of this process waiting for outcomes (long polling).
+    waiters: Waiters = field(default_factory=Waiters)
 
     @property
     def reads(self) -> RequestReader:
@@ -89,4 +94,7 @@ class Context:
         self.durations[task_type] = seconds if previous is None else 0.8 * previous + 0.2 * seconds
 
     def __post_init__(self) -> None:
-        self.writer = RequestWriter(lambda: self.store)
+        self.writer = RequestWriter(lambda: self.store, self._accepted)
+
+    async def _accepted(self, requests: list[Request]) -> None:
+        await self.events.append_all([status_event(r) for r in requests])

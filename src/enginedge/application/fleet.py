@@ -77,13 +77,12 @@ async def record_results(
                     done.append(request)
         await tx.save_requests(list(changed.values()))
         await tx.add_results([Result.of(r, now) for r in done])
-    for request in done:
-        # Callers waiting on the outcome read it as soon as its event is out: from the
-        # cache (so before the event), not the store.
-        await ctx.request_cache.put(request)
-    await ctx.events.append_all(events)
+    # Callers waiting on the outcome read it as soon as its event is out: from the cache
+    # (so before the event), not the store; those of this replica are handed it.
+    await ctx.request_cache.put_all(done)
     for request in done:
         finished(ctx, request)
+    await ctx.events.append_all(events)
     return refused
 
 

@@ -122,8 +122,8 @@ async def _time_out(ctx: Context, now: datetime, report: SweepReport) -> None:
                 await finish(ctx, tx, request, now)
                 await tx.enqueue([cancel_message(request)])
         for request in overdue:
-            await ctx.events.append(status_event(request))
             finished(ctx, request)
+        await ctx.events.append_all([status_event(r) for r in overdue])
         report.timed_out += len(overdue)
         if overdue:
             ctx.wake_relay()
@@ -203,9 +203,9 @@ async def _redispatch(
                     events.append(status_event(request))
                     terminal.append(request)
                     report.failed += 1
-        await ctx.events.append_all(events)
         for request in terminal:
             finished(ctx, request)
+        await ctx.events.append_all(events)
         if events:
             ctx.wake_relay()
         if len(selected) < BATCH:

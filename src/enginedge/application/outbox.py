@@ -65,7 +65,10 @@ async def finish(ctx: Context, tx: StoreTransaction, request: Request, now: date
 
 
 def finished(ctx: Context, request: Request) -> None:
-    """Count and log a terminal request (after its transaction committed)."""
+    """Count and log a terminal request and answer its waiters (after its transaction
+    committed, before its event goes out: the event wakes waiters that would then read it).
+    """
+    ctx.waiters.resolve(request)
     ctx.metrics.request_finished(
         request.status, (request.updated_at - request.created_at).total_seconds()
     )

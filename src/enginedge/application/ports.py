@@ -243,6 +243,12 @@ class EventStream(Protocol):
         after each ``idle_timeout`` seconds without one."""
         ...
 
+    def finished_feed(self) -> AsyncIterator[Sequence[uuid.UUID] | None]:
+        """The ids of requests that finished on any replica, as their terminal events are
+        stored, for as long as it is iterated; ``None`` when some may have been missed
+        (a reconnect). Requests finished by this process need not be announced to it."""
+        ...
+
 
 class RateLimiter(Protocol):
     async def hit(self, key: str, limit: int, window_seconds: int, now: datetime) -> int | None:
@@ -255,8 +261,8 @@ class RequestCache(Protocol):
 
     async def get(self, request_id: uuid.UUID) -> Request | None: ...
 
-    async def put(self, request: Request) -> None:
-        """Keep ``request`` if it is terminal (it never changes again); ignore it otherwise."""
+    async def put_all(self, requests: Sequence[Request]) -> None:
+        """Keep those of ``requests`` that are terminal (they never change again)."""
         ...
 
 

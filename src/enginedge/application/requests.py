@@ -13,6 +13,7 @@ from enginedge.application.context import Context
 from enginedge.application.events import status_event
 from enginedge.application.outbox import cancel_message, dispatch_message, finish, finished
 from enginedge.application.ports import IdempotencyKeyTaken, RequestQuery
+from enginedge.application.waiters import Waiter
 from enginedge.domain.errors import (
     CannotCancel,
     InvalidTaskType,
@@ -37,6 +38,7 @@ class SubmitCommand:
     metadata: dict[str, Any] = field(default_factory=dict)
     idempotency_key: str | None = None
     traceparent: str | None = None
+    request_id: uuid.UUID = field(default_factory=uuid.uuid4)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +77,7 @@ async def submit(ctx: Context, cmd: SubmitCommand) -> Submission:
     worker = await _route(ctx, cmd, now)
     timeout = timedelta(seconds=meta.timeout) if meta.timeout else ctx.policy.request_timeout
     request = Request(
-        id=uuid.uuid4(),
+        id=cmd.request_id,
         task_type=cmd.task_type,
         payload=cmd.payload,
         metadata=cmd.metadata,
@@ -100,9 +102,23 @@ async def submit(ctx: Context, cmd: SubmitCommand) -> Submission:
             raise
         return _replay(ctx, existing)
     ctx.wake_relay()
-    await ctx.events.append(status_event(request))
     ctx.metrics.request_accepted(request.task_type, request.worker_type)
     return Submission(request, True, ctx.durations.get(request.task_type))
+
+
+async def submit_and_wait(ctx: Context, cmd: SubmitCommand, timeout: float) -> Submission:
+    """Accept a task as :func:`submit` does, then wait up to ``timeout`` seconds for its
+    outcome: the submission holds the request as it is then (terminal if it finished)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    # Watching before the request exists: its outcome cannot come between the commit and
+    # the wait unseen.
+    with ctx.waiters.watch(cmd.request_id) as waiter:
+        submission = await submit(ctx, cmd)
+        if not submission.created:
+            request = await wait_for_request(ctx, submission.request.id, timeout)
+        else:
+            request = await _outcome(ctx, waiter, deadline)
+    return Submission(request, submission.created, submission.estimated_duration)
 
 
 async def _route(ctx: Context, cmd: SubmitCommand, now: datetime) -> Worker:
@@ -135,40 +151,48 @@ async def get_request(ctx: Context, request_id: uuid.UUID, *, primary: bool = Fa
     if request is None:
         raise RequestNotFound(f"Request {request_id} not found")
     if request.terminal:
-        await ctx.request_cache.put(request)
+        await ctx.request_cache.put_all([request])
     return request
 
 
 async def wait_for_request(ctx: Context, request_id: uuid.UUID, timeout: float) -> Request:
     """A request once it is terminal, or as it is after ``timeout`` seconds (long polling).
 
-    A waiting caller costs the store nothing: its request's events say how it goes, and
-    the outcome is read from the request cache, where it is put as it is recorded. The
-    store is read only for a request without events (unknown, or its events expired) and
-    for the answer of a wait that ran out.
+    A waiting caller costs nothing while it waits: it is woken when its request finishes
+    (see application.waiters) and reads the outcome from the request cache, where it is put
+    as it is recorded. The store is read only for a request without events (unknown, or its
+    events expired), for the answer of a wait that ran out, and on a cache miss.
     """
     if timeout <= 0:
         return await get_request(ctx, request_id)
-    history = await ctx.events.history(request_id, None)
-    if not history:
-        request = await get_request(ctx, request_id)  # 404 for an unknown id
+    deadline = asyncio.get_running_loop().time() + timeout
+    with ctx.waiters.watch(request_id) as waiter:
+        history = await ctx.events.history(request_id, None)
+        if any(_is_terminal(e) for e in history):
+            return await get_request(ctx, request_id, primary=True)
+        if not history:
+            request = await get_request(ctx, request_id)  # 404 for an unknown id
+            if request.terminal:
+                return request
+        return await _outcome(ctx, waiter, deadline)
+
+
+async def _outcome(ctx: Context, waiter: Waiter, deadline: float) -> Request:
+    """The request ``waiter`` watches, once terminal or at ``deadline`` (loop time)."""
+    while True:
+        try:
+            async with asyncio.timeout_at(deadline):
+                await waiter.woken.wait()
+        except TimeoutError:
+            return await get_request(ctx, waiter.request_id)
+        if waiter.outcome is not None:
+            return waiter.outcome
+        # Finished elsewhere, or an announcement may have been missed: look. A read
+        # replica may not have the outcome yet, the primary has.
+        waiter.woken.clear()
+        request = await get_request(ctx, waiter.request_id, primary=True)
         if request.terminal:
             return request
-    if any(_is_terminal(e) for e in history):
-        return await get_request(ctx, request_id, primary=True)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    after = history[-1].id if history else None
-    finished = False
-    async with ctx.events.follow(request_id, after, idle_timeout=min(timeout, 1.0)) as events:
-        async for event in events:
-            if event is not None and _is_terminal(event):
-                finished = True
-                break
-            if loop.time() >= deadline:
-                break
-    # Told it finished: a read replica may not have the outcome yet, the primary has.
-    return await get_request(ctx, request_id, primary=finished)
 
 
 def _is_terminal(event: RequestEvent) -> bool:
@@ -228,6 +252,6 @@ async def cancel(ctx: Context, request_id: uuid.UUID) -> Request:
         await finish(ctx, tx, request, now)
         await tx.enqueue([cancel_message(request)])
     ctx.wake_relay()
-    await ctx.events.append(status_event(request))
     finished(ctx, request)
+    await ctx.events.append(status_event(request))
     return request

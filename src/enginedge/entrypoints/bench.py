@@ -2,8 +2,10 @@
 
 The bench is the client process. It starts the orchestrator (and, in distributed mode, a
 built-in worker) as processes of their own, drives ``POST /api/orchestrate`` with the ``echo``
-task from a fixed number of concurrent callers, and waits for each request's terminal status
-with ``GET /api/requests/{id}?wait=``: the time counted is everything a caller would see.
+task from a fixed number of concurrent callers, and waits for each request's terminal status,
+by default in the submit itself (``POST /api/orchestrate?wait=``), with ``--flow poll`` by
+long polling ``GET /api/requests/{id}?wait=`` after a 202: the time counted is everything a
+caller would see.
 The orchestrator's CPU seconds and peak RSS are read from its process while it runs.
 """
 
@@ -31,6 +33,9 @@ import psutil
 import uvloop
 
 Mode = Literal["embedded", "distributed", "external"]
+# How a caller learns the outcome: the submit waits for it (``POST ...?wait=``), or the
+# submit answers 202 at once and the caller long-polls ``GET /api/requests/{id}?wait=``.
+Flow = Literal["submit-wait", "poll"]
 TERMINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"})
 WAIT_SECONDS = 30
 
@@ -52,11 +57,13 @@ class BenchConfig:
     redis_url: str | None = None
     worker_capacity: int = 256
     log_dir: Path | None = None
+    flow: Flow = "submit-wait"
 
 
 @dataclass(slots=True)
 class BenchReport:
     mode: str
+    flow: str
     requests: int
     concurrency: int
     completed: int
@@ -147,24 +154,25 @@ class _Failed(Exception):
     """One round trip that did not end ``COMPLETED`` with its payload echoed."""
 
 
-async def _one(session: aiohttp.ClientSession, url: str, i: int) -> float:
+async def _one(session: aiohttp.ClientSession, url: str, i: int, flow: Flow) -> float:
     """Submit one echo task and wait for its terminal status; the seconds it took."""
     start = time.perf_counter()
+    params = {"wait": WAIT_SECONDS} if flow == "submit-wait" else {}
     async with session.post(
-        f"{url}/api/orchestrate", json={"taskType": "echo", "payload": {"n": i}}
+        f"{url}/api/orchestrate", json={"taskType": "echo", "payload": {"n": i}}, params=params
     ) as response:
-        if response.status != 202:
+        if response.status not in (200, 202):
             raise _Failed(f"submit answered {response.status}: {(await response.text())[:200]}")
-        status_url = (await response.json())["statusUrl"]
-    while True:
+        body = await response.json()
+    status_url = f"/api/requests/{body['requestId']}"
+    while body["status"] not in TERMINAL:
         async with session.get(f"{url}{status_url}", params={"wait": WAIT_SECONDS}) as answer:
             if answer.status != 200:
                 raise _Failed(f"status answered {answer.status}: {(await answer.text())[:200]}")
             body = await answer.json()
-        if body["status"] in TERMINAL:
-            if body["status"] != "COMPLETED" or body.get("result") != {"n": i}:
-                raise _Failed(f"request ended {body['status']}: {body.get('error')}")
-            return time.perf_counter() - start
+    if body["status"] != "COMPLETED" or body.get("result") != {"n": i}:
+        raise _Failed(f"request ended {body['status']}: {body.get('error')}")
+    return time.perf_counter() - start
 
 
 async def drive(
@@ -172,6 +180,7 @@ async def drive(
     api_key: str,
     total: int,
     concurrency: int,
+    flow: Flow = "submit-wait",
     on_done: Callable[[], None] = lambda: None,
 ) -> tuple[list[float], list[str], float]:
     """``total`` round trips from ``concurrency`` callers: latencies, errors, wall seconds.
@@ -191,7 +200,7 @@ async def drive(
         async def caller() -> None:
             for i in counter:
                 try:
-                    latencies.append(await _one(session, url, i))
+                    latencies.append(await _one(session, url, i, flow))
                 except (_Failed, aiohttp.ClientError, TimeoutError) as exc:
                     errors.append(str(exc) or type(exc).__name__)
                 on_done()
@@ -308,13 +317,14 @@ async def _measure(
     service: _Service, config: BenchConfig, on_done: Callable[[], None]
 ) -> BenchReport:
     if config.warmup:
-        await drive(service.url, service.api_key, config.warmup, config.concurrency)
+        await drive(service.url, service.api_key, config.warmup, config.concurrency, config.flow)
     async with _Sampler(service.pid) as sampler:
         latencies, errors, seconds = await drive(
-            service.url, service.api_key, config.requests, config.concurrency, on_done
+            service.url, service.api_key, config.requests, config.concurrency, config.flow, on_done
         )
     return BenchReport(
         mode=config.mode,
+        flow=config.flow,
         requests=config.requests,
         concurrency=config.concurrency,
         completed=len(latencies),
@@ -332,6 +342,8 @@ def run_bench(config: BenchConfig, on_done: Callable[[], None] = lambda: None) -
     """Start what ``config`` asks for, measure, stop it all; the figures."""
     if config.requests < 1 or config.concurrency < 1 or config.warmup < 0:
         raise BenchError("--requests and --concurrency must be at least 1, --warmup at least 0")
+    if config.flow not in ("submit-wait", "poll"):
+        raise BenchError("--flow must be submit-wait or poll")
     # SIGTERM unwinds like Ctrl-C, so that the processes the bench started are stopped.
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:

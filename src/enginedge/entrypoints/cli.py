@@ -189,6 +189,13 @@ def bench(
     log_dir: Annotated[
         Path | None, typer.Option(help="Keep the started processes' logs here")
     ] = None,
+    flow: Annotated[
+        str,
+        typer.Option(
+            help="submit-wait: POST /api/orchestrate?wait= answers with the outcome; poll: "
+            "POST answers 202, then GET /api/requests/{id}?wait="
+        ),
+    ] = "submit-wait",
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON")] = False,
 ) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
@@ -208,6 +215,7 @@ def bench(
         kafka_brokers=kafka_brokers,
         redis_url=redis_url,
         log_dir=log_dir,
+        flow=flow,  # type: ignore[arg-type]
     )
     progress = Progress(
         "[progress.description]{task.description}",
@@ -226,7 +234,7 @@ def bench(
     if as_json:
         _print_json(report.as_dict())
         return
-    table = Table(title=f"enginedge bench: {mode}, {concurrency} in flight")
+    table = Table(title=f"enginedge bench: {mode}, {concurrency} in flight, {flow}")
     table.add_column("figure")
     table.add_column("value", justify="right")
     rows = [

@@ -8,6 +8,7 @@ from and written to the ``workers`` table.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -28,6 +29,7 @@ from enginedge.domain.model import Request, RequestEvent, Worker
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 WARN_EVERY_SECONDS = 30.0
+FEED_RETRY_SECONDS = 1.0
 
 
 class _Fallback:
@@ -43,15 +45,18 @@ class _Fallback:
         try:
             return await primary()
         except Exception as exc:  # any Redis failure: connection, timeout, protocol
-            now = time.monotonic()
-            if now - self._last_warning > WARN_EVERY_SECONDS:
-                self._last_warning = now
-                log.warning(
-                    "Redis unavailable: %s falls back",
-                    self._name,
-                    extra={"error": f"{type(exc).__name__}: {exc}"},
-                )
+            self._warn(exc)
             return await fallback()
+
+    def _warn(self, exc: Exception) -> None:
+        now = time.monotonic()
+        if now - self._last_warning > WARN_EVERY_SECONDS:
+            self._last_warning = now
+            log.warning(
+                "Redis unavailable: %s falls back",
+                self._name,
+                extra={"error": f"{type(exc).__name__}: {exc}"},
+            )
 
 
 class StoreRegistry:
@@ -133,6 +138,18 @@ class FallbackEvents(_Fallback):
                 async for event in stream:
                     yield event
 
+    async def finished_feed(self) -> AsyncIterator[Sequence[uuid.UUID] | None]:
+        # While Redis is away, outcomes recorded by other replicas go unannounced: waiters
+        # are told to look for themselves every RETRY_SECONDS until the feed is back.
+        while True:
+            try:
+                async for ids in self._primary.finished_feed():
+                    yield ids
+            except Exception as exc:
+                self._warn(exc)
+            yield None
+            await asyncio.sleep(FEED_RETRY_SECONDS)
+
 
 class FallbackLimiter(_Fallback):
     def __init__(self, primary: RateLimiter, fallback: RateLimiter) -> None:
@@ -159,8 +176,8 @@ class FallbackRequestCache(_Fallback):
 
         return await self._try(lambda: self._primary.get(request_id), miss)
 
-    async def put(self, request: Request) -> None:
+    async def put_all(self, requests: Sequence[Request]) -> None:
         async def skip() -> None:
             return None
 
-        await self._try(lambda: self._primary.put(request), skip)
+        await self._try(lambda: self._primary.put_all(requests), skip)

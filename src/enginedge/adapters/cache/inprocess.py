@@ -84,6 +84,12 @@ class InProcessEventStream:
             except TimeoutError:
                 yield None
 
+    async def finished_feed(self) -> AsyncIterator[Sequence[uuid.UUID] | None]:
+        # Every request that finishes in this process wakes its waiters itself: there is no
+        # other replica to hear from.
+        await asyncio.Event().wait()
+        yield None  # pragma: no cover - never reached
+
 
 def _position(after: str | None) -> int:
     """Event ids here are 1, 2, 3...: the id of an event is the count of events up to it."""
@@ -126,10 +132,10 @@ class InProcessRequestCache:
             self._items.move_to_end(request_id)
         return request
 
-    async def put(self, request: Request) -> None:
-        if not request.terminal:
-            return
-        self._items[request.id] = request
-        self._items.move_to_end(request.id)
+    async def put_all(self, requests: Sequence[Request]) -> None:
+        for request in requests:
+            if request.terminal:
+                self._items[request.id] = request
+                self._items.move_to_end(request.id)
         while len(self._items) > self._size:
             self._items.popitem(last=False)

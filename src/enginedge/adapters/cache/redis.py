@@ -7,10 +7,13 @@ Keys (all under ``enginedge:``):
 - ``events:<requestId>``: a stream of the request's events; its entry ids are the SSE ids.
 - ``rl:<caller>:<window>``: a fixed-window counter.
 - ``request:<requestId>``: a finished request (finished requests never change).
+- ``finished`` (a pub/sub channel): comma-separated ids of requests as they finish, which
+  wakes the callers that wait for them on any replica.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -31,6 +34,7 @@ from enginedge.domain.model import (
 )
 
 PREFIX = "enginedge:"
+FINISHED_CHANNEL = f"{PREFIX}finished"
 MAX_EVENTS_PER_REQUEST = 100_000
 _TERMINAL_NAMES = frozenset(s.value for s in TERMINAL_STATUSES)
 
@@ -59,6 +63,14 @@ def _default(value: Any) -> Any:
 
 def _dt(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value) if value else None
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return True
 
 
 def worker_to_json(worker: Worker) -> bytes:
@@ -162,31 +174,54 @@ class RedisEventStream:
         )
 
     async def append(self, event: RequestEvent) -> RequestEvent:
-        async with self._r.pipeline(transaction=False) as pipe:
-            self._queue(pipe, event)
-            entry_id, _ = await pipe.execute()
-        return dataclasses.replace(event, id=_text(entry_id))
+        replies = await self._write([event])
+        return dataclasses.replace(event, id=_text(replies[0]))
 
     async def append_all(self, events: Sequence[RequestEvent]) -> None:
-        if not events:
-            return
-        # One round trip for a batch of outcomes; each stream still gets its events in order.
+        if events:
+            await self._write(events)
+
+    async def _write(self, events: Sequence[RequestEvent]) -> list[Any]:
+        # One round trip for a batch; each stream still gets its events in order.
+        finished: list[str] = []
         async with self._r.pipeline(transaction=False) as pipe:
             for event in events:
-                self._queue(pipe, event)
-            await pipe.execute()
+                key = self._key(event.request_id)
+                status = event.data.get("status") if event.type == "status" else None
+                pipe.xadd(
+                    key,
+                    {"type": event.type, "data": orjson.dumps(event.data)},
+                    maxlen=MAX_EVENTS_PER_REQUEST,
+                    approximate=True,
+                )
+                # A stream lives for a day while its request runs, ``retention`` once it
+                # ended: set as the request starts (or starts again) and as it ends.
+                if status in _TERMINAL_NAMES:
+                    pipe.expire(key, self._retention)
+                    finished.append(str(event.request_id))
+                elif status == "PENDING":
+                    pipe.expire(key, max(self._retention, 86_400))
+            if finished:
+                pipe.publish(FINISHED_CHANNEL, ",".join(finished))
+            replies: list[Any] = await pipe.execute()
+        return replies
 
-    def _queue(self, pipe: Any, event: RequestEvent) -> None:
-        key = self._key(event.request_id)
-        terminal = event.type == "status" and event.data.get("status") in _TERMINAL_NAMES
-        pipe.xadd(
-            key,
-            {"type": event.type, "data": orjson.dumps(event.data)},
-            maxlen=MAX_EVENTS_PER_REQUEST,
-            approximate=True,
-        )
-        # A stream lives for a day while its request runs, ``retention`` once it ended.
-        pipe.expire(key, self._retention if terminal else max(self._retention, 86_400))
+    async def finished_feed(self) -> AsyncIterator[Sequence[uuid.UUID] | None]:
+        pubsub = self._blocking.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(FINISHED_CHANNEL)
+            # Whatever was announced before the subscription took hold is unheard.
+            yield None
+            while True:
+                # Not forever: each read also lets the client's health check ping a
+                # connection that went quiet.
+                message = await pubsub.get_message(timeout=1.0)
+                if message is None:
+                    continue
+                ids = _text(message["data"]).split(",")
+                yield [uuid.UUID(i) for i in ids if _is_uuid(i)]
+        finally:
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def history(self, request_id: uuid.UUID, after: str | None) -> list[RequestEvent]:
         start = f"({after}" if after else "-"
@@ -224,24 +259,55 @@ class RedisEventStream:
                     yield self._event(request_id, entry_id, fields)
 
 
-class RedisRateLimiter:
-    """Fixed windows shared by every replica."""
+@dataclasses.dataclass(slots=True)
+class _Lease:
+    window: int
+    left: int
 
-    def __init__(self, client: aioredis.Redis) -> None:
+
+class RedisRateLimiter:
+    """Fixed windows shared by every replica.
+
+    A replica takes calls from the shared counter in blocks of up to 1% of the limit (at
+    most ``max_block``) and spends them locally, so that most calls cost no round trip. The
+    limit is never exceeded: a block is counted as taken whole, so with several replicas a
+    caller may be refused up to one block per replica early. Limits under 200 a window are
+    counted call by call.
+    """
+
+    def __init__(self, client: aioredis.Redis, max_block: int = 64) -> None:
         self._r = client
+        self._max_block = max_block
+        self._leases: dict[str, _Lease] = {}
+        self._refills: dict[str, asyncio.Lock] = {}
 
     async def hit(self, key: str, limit: int, window_seconds: int, now: datetime) -> int | None:
         window = int(now.timestamp()) // window_seconds
-        counter = f"{PREFIX}rl:{key}:{window}"
-        # Pipelined, not MULTI/EXEC: the EXPIRE always follows its INCR, and every API call
-        # pays for this round trip.
-        async with self._r.pipeline(transaction=False) as pipe:
-            pipe.incr(counter)
-            pipe.expire(counter, window_seconds + 1)
-            count, _ = await pipe.execute()
-        if int(count) > limit:
-            return (window + 1) * window_seconds - int(now.timestamp())
-        return None
+        if self._take(key, window):
+            return None
+        # One refill at a time per key: callers that arrive meanwhile spend its block.
+        async with self._refills.setdefault(key, asyncio.Lock()):
+            if self._take(key, window):
+                return None
+            block = max(1, min(self._max_block, limit // 100))
+            counter = f"{PREFIX}rl:{key}:{window}"
+            # Pipelined, not MULTI/EXEC: the EXPIRE always follows its INCRBY.
+            async with self._r.pipeline(transaction=False) as pipe:
+                pipe.incrby(counter, block)
+                pipe.expire(counter, window_seconds + 1)
+                count, _ = await pipe.execute()
+            granted = min(block, limit - (int(count) - block))
+            if granted <= 0:
+                return (window + 1) * window_seconds - int(now.timestamp())
+            self._leases[key] = _Lease(window, granted - 1)
+            return None
+
+    def _take(self, key: str, window: int) -> bool:
+        lease = self._leases.get(key)
+        if lease is None or lease.window != window or lease.left <= 0:
+            return False
+        lease.left -= 1
+        return True
 
 
 class RedisRequestCache:
@@ -255,11 +321,14 @@ class RedisRequestCache:
         raw = await self._r.get(f"{PREFIX}request:{request_id}")
         return request_from_json(raw) if raw else None
 
-    async def put(self, request: Request) -> None:
-        if request.terminal:
-            await self._r.set(
-                f"{PREFIX}request:{request.id}", request_to_json(request), ex=self._ttl
-            )
+    async def put_all(self, requests: Sequence[Request]) -> None:
+        finished = [r for r in requests if r.terminal]
+        if not finished:
+            return
+        async with self._r.pipeline(transaction=False) as pipe:
+            for request in finished:
+                pipe.set(f"{PREFIX}request:{request.id}", request_to_json(request), ex=self._ttl)
+            await pipe.execute()
 
 
 class RedisCache:

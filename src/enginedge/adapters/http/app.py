@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials
+from pydantic import BaseModel
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from enginedge import __version__
@@ -49,7 +50,9 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def get_ctx(request: Request) -> Context:
+async def get_ctx(request: Request) -> Context:
+    # A coroutine, not a plain function: FastAPI runs plain dependencies in a thread pool,
+    # a thread hand-off on every call.
     service: Service = request.app.state.service
     return service.ctx
 
@@ -62,7 +65,7 @@ async def authenticated(
     """Authenticate the caller and count the call against its rate limit."""
     checker: KeyChecker = request.app.state.keys
     caller = checker.check(presented_key(header_key, credentials))
-    await use.check_rate(get_ctx(request), caller)
+    await use.check_rate(await get_ctx(request), caller)
     return caller
 
 
@@ -81,11 +84,34 @@ api = APIRouter(prefix="/api", responses=ERRORS)
 MAX_WAIT_SECONDS = 60
 
 
+WAIT_DESCRIPTION = (
+    "Long polling: answer as soon as the request is terminal, or after this many seconds "
+    "with its status then"
+)
+
+
+def _json(
+    model: BaseModel, status_code: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    # The hot endpoints answer with the model's own JSON: FastAPI would validate the model
+    # it was just given a second time before writing it.
+    return Response(
+        model.__pydantic_serializer__.to_json(model),
+        status_code=status_code,
+        headers=headers,
+        media_type="application/json",
+    )
+
+
 @api.post(
     "/orchestrate",
     status_code=202,
     response_model=OrchestrateResponse,
     responses={
+        200: {
+            "model": RequestView,
+            "description": "With `wait`: the request finished within it (its outcome)",
+        },
         413: {"model": ErrorBody, "description": "PAYLOAD_TOO_LARGE"},
         422: {"model": ErrorBody, "description": "INVALID_TASK_TYPE or INVALID_REQUEST_PAYLOAD"},
         503: {"model": ErrorBody, "description": "NO_ELIGIBLE_WORKERS or SERVICE_UNAVAILABLE"},
@@ -94,8 +120,6 @@ MAX_WAIT_SECONDS = 60
 )
 async def orchestrate(
     body: OrchestrateBody,
-    request: Request,
-    response: Response,
     ctx: Ctx,
     caller: Caller,
     idempotency_key: Annotated[
@@ -107,29 +131,45 @@ async def orchestrate(
         ),
     ] = None,
     traceparent: Annotated[str | None, Header(max_length=64)] = None,
-) -> OrchestrateResponse:
-    """Accept a task; it is durable once this answers 202. Follow it at ``statusUrl``."""
-    submission = await use.submit(
-        ctx,
-        use.SubmitCommand(
-            task_type=body.taskType,
-            payload=body.payload,
-            metadata=body.metadata or {},
-            caller=caller,
-            idempotency_key=idempotency_key,
-            # The HTTP span's context when tracing, so the whole trace hangs from it.
-            traceparent=current_traceparent() or traceparent,
+    wait: Annotated[
+        float,
+        Query(
+            ge=0,
+            le=MAX_WAIT_SECONDS,
+            description="Wait up to this many seconds for the outcome: 200 with the finished "
+            "request if it finished by then, else 202 as without it",
         ),
+    ] = 0,
+) -> Response:
+    """Accept a task; it is durable once this answers (202, or 200 with ``wait``). Follow it
+    at ``statusUrl``."""
+    command = use.SubmitCommand(
+        task_type=body.taskType,
+        payload=body.payload,
+        metadata=body.metadata or {},
+        caller=caller,
+        idempotency_key=idempotency_key,
+        # The HTTP span's context when tracing, so the whole trace hangs from it.
+        traceparent=current_traceparent() or traceparent,
     )
-    if not submission.created:
-        response.headers["Idempotent-Replayed"] = "true"
+    if wait > 0:
+        submission = await use.submit_and_wait(ctx, command, wait)
+    else:
+        submission = await use.submit(ctx, command)
+    headers = None if submission.created else {"Idempotent-Replayed": "true"}
     r = submission.request
-    return OrchestrateResponse(
-        requestId=str(r.id),
-        status=r.status.value,
-        workerType=r.worker_type,
-        estimatedDuration=submission.estimated_duration,
-        statusUrl=f"/api/requests/{r.id}",
+    if wait > 0 and r.terminal:
+        return _json(RequestView.of(r), 200, headers)
+    return _json(
+        OrchestrateResponse(
+            requestId=str(r.id),
+            status=r.status.value,
+            workerType=r.worker_type,
+            estimatedDuration=submission.estimated_duration,
+            statusUrl=f"/api/requests/{r.id}",
+        ),
+        202,
+        headers,
     )
 
 
@@ -142,18 +182,10 @@ async def get_request(
     request_id: str,
     ctx: Ctx,
     caller: Caller,
-    wait: Annotated[
-        float,
-        Query(
-            ge=0,
-            le=MAX_WAIT_SECONDS,
-            description="Long polling: answer as soon as the request is terminal, or after "
-            "this many seconds with its status then",
-        ),
-    ] = 0,
-) -> RequestView:
+    wait: Annotated[float, Query(ge=0, le=MAX_WAIT_SECONDS, description=WAIT_DESCRIPTION)] = 0,
+) -> Response:
     """Status, timestamps, attempts, worker, and the result or error once terminal."""
-    return RequestView.of(await use.wait_for_request(ctx, _parse_id(request_id), wait))
+    return _json(RequestView.of(await use.wait_for_request(ctx, _parse_id(request_id), wait)))
 
 
 def _parse_time(value: str | None, name: str) -> datetime | None:
