@@ -430,6 +430,9 @@ def create_app(service: Service, keys: list[str], max_body_bytes: int) -> FastAP
         description="Orchestrator for AI/ML workloads: submit tasks, follow them, watch the "
         "fleet. Authenticate with `X-API-Key` (or `Authorization: Bearer`).",
         lifespan=lifespan,
+        # Spans come from TracingMiddleware (Tracing, configured by OTEL_*): FastAPI's own
+        # instrumentation would double them, and costs a check of the providers per call.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
     app.add_middleware(TracingMiddleware, tracing=service.tracing)
