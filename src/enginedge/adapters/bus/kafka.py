@@ -63,6 +63,9 @@ def _headers(message: BusMessage) -> list[tuple[str, bytes]]:
     return [(k, v.encode()) for k, v in message.headers.items()]
 
 
+CLOSE_TIMEOUT_SECONDS = 5.0
+
+
 class KafkaSubscription:
     """One consumer in a consumer group, started on first use."""
 
@@ -174,8 +177,9 @@ class KafkaSubscription:
 
     async def close(self) -> None:
         if self._consumer is not None:
+            # Bounded: leaving the group waits for the broker, which may be gone.
             with contextlib.suppress(Exception):
-                await self._consumer.stop()
+                await asyncio.wait_for(self._consumer.stop(), CLOSE_TIMEOUT_SECONDS)
             self._consumer = None
 
 
@@ -294,9 +298,9 @@ class KafkaBus:
             with contextlib.suppress(BaseException):
                 await self._watcher
             self._watcher = None
-        for subscription in self._subscriptions:
-            await subscription.close()
+        # Together, each bounded: a process that stops must not wait on a broker in turn.
+        await asyncio.gather(*(s.close() for s in self._subscriptions))
         if self._producer is not None:
             with contextlib.suppress(Exception):
-                await self._producer.stop()
+                await asyncio.wait_for(self._producer.stop(), CLOSE_TIMEOUT_SECONDS)
             self._producer = None
