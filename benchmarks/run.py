@@ -29,11 +29,14 @@ from typing import Any
 from tests.conftest import create_database
 from tests.support.servers import kafka_broker, postgres_server, redis_server
 
+# name: (mode, requests in flight, flow). "submit-wait": the submit answers with the
+# outcome (POST /api/orchestrate?wait=); "poll": a 202, then GET /api/requests/{id}?wait=.
 SCENARIOS = {
-    "embedded-64": ("embedded", 64),
-    "embedded-1": ("embedded", 1),
-    "distributed-64": ("distributed", 64),
-    "distributed-1": ("distributed", 1),
+    "embedded-64": ("embedded", 64, "submit-wait"),
+    "embedded-1": ("embedded", 1, "submit-wait"),
+    "distributed-64": ("distributed", 64, "submit-wait"),
+    "distributed-1": ("distributed", 1, "submit-wait"),
+    "distributed-64-poll": ("distributed", 64, "poll"),
 }
 RESULTS = Path(__file__).parent / "results"
 
@@ -49,9 +52,11 @@ def distributed_servers() -> Iterator[dict[str, str]]:
         }
 
 
-def bench(mode: str, concurrency: int, requests: int, servers: dict[str, str] | None) -> Any:
+def bench(
+    mode: str, concurrency: int, flow: str, requests: int, servers: dict[str, str] | None
+) -> Any:
     """One `enginedge bench` run; its JSON report."""
-    args = [sys.executable, "-m", "enginedge", "bench", "--json", "--mode", mode]
+    args = [sys.executable, "-m", "enginedge", "bench", "--json", "--mode", mode, "--flow", flow]
     args += ["--concurrency", str(concurrency), "--requests", str(requests)]
     if mode == "distributed":
         assert servers is not None
@@ -110,12 +115,12 @@ def main() -> None:
         if any(SCENARIOS[name][0] == "distributed" for name in chosen):
             servers = stack.enter_context(distributed_servers())
         for name in chosen:
-            mode, concurrency = SCENARIOS[name]
+            mode, concurrency, flow = SCENARIOS[name]
             # One at a time is slow by nature: fewer round trips give the same quantiles.
             count = options.requests if concurrency > 1 else max(options.requests // 5, 200)
             runs[name] = []
             for i in range(options.runs):
-                report = bench(mode, concurrency, count, servers)
+                report = bench(mode, concurrency, flow, count, servers)
                 runs[name].append(report)
                 print(
                     f"{name} run {i + 1}: {report['throughput']} round trips/s, "
