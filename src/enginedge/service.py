@@ -182,7 +182,9 @@ class Service:
         subscriptions: list[Subscription] = []
 
         async def subscribe() -> None:
-            subscriptions.append(await self.ctx.bus.subscribe(topics, DEAD_LETTERS_GROUP))
+            subscriptions.append(
+                await self.ctx.bus.subscribe(topics, DEAD_LETTERS_GROUP, urgent=False)
+            )
 
         await retry_until_done("subscribing to the dead-letter topics", subscribe)
         await record_dead_letters(self.ctx, subscriptions[0])

@@ -31,8 +31,8 @@ class CountingStore:
         return getattr(self.inner, name)
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Any]:
-        async with self.inner.transaction() as tx:
+    async def transaction(self, *, durable: bool = True) -> AsyncIterator[Any]:
+        async with self.inner.transaction(durable=durable) as tx:
             outer = self
 
             class Tx:

@@ -98,7 +98,9 @@ async def relay_outbox(ctx: Context, batch_size: int = 500) -> int:
     them again (at-least-once), never loses them.
     """
     now = ctx.clock.now()
-    async with ctx.store.transaction() as tx:
+    # Not durable: a crash that loses this commit brings the messages back to the outbox,
+    # and they are published again, as when the crash comes before the commit.
+    async with ctx.store.transaction(durable=False) as tx:
         pending = await tx.claim_outbox(now, batch_size)
         if not pending:
             return 0

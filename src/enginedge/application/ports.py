@@ -137,7 +137,11 @@ class RequestReader(Protocol):
 class RequestStore(Protocol):
     """Durable home of requests, results, workers and the outbox."""
 
-    def transaction(self) -> AbstractAsyncContextManager[StoreTransaction]: ...
+    def transaction(self, *, durable: bool = True) -> AbstractAsyncContextManager[StoreTransaction]:
+        """A transaction. One that is not ``durable`` may be lost by a crash after it
+        committed: only for bookkeeping whose loss repeats work (the relay's), never loses
+        it."""
+        ...
 
     async def get_request(self, request_id: uuid.UUID) -> Request | None: ...
 
@@ -195,7 +199,12 @@ class MessageBus(Protocol):
         """Return once the bus holds every message; raise if it cannot take them."""
         ...
 
-    async def subscribe(self, topics: Sequence[str], group: str) -> Subscription: ...
+    async def subscribe(
+        self, topics: Sequence[str], group: str, *, urgent: bool = True
+    ) -> Subscription:
+        """A member of consumer ``group`` reading ``topics``. A subscription that is not
+        ``urgent`` (control messages, dead letters) may ask the broker less often."""
+        ...
 
     async def prepare(self, topics: Sequence[str]) -> None:
         """Make sure the topics exist (created with the configured partitions if not)."""

@@ -111,7 +111,9 @@ class WorkerRuntime:
             [requests_topic(self.app.type)], worker_group(self.app.type)
         )
         # Control messages reach every worker: each one is its own group.
-        self._control = await self.bus.subscribe([CONTROL_TOPIC], f"worker-control.{self.id}")
+        self._control = await self.bus.subscribe(
+            [CONTROL_TOPIC], f"worker-control.{self.id}", urgent=False
+        )
         try:
             await self.heartbeat()
         except Exception:  # the heartbeat loop keeps trying; the bus may come up later

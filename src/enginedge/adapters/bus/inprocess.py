@@ -72,7 +72,9 @@ class InProcessBus:
                     message
                 )
 
-    async def subscribe(self, topics: Sequence[str], group: str) -> InProcessSubscription:
+    async def subscribe(
+        self, topics: Sequence[str], group: str, *, urgent: bool = True
+    ) -> InProcessSubscription:
         state = self._groups.setdefault(group, _Group(set()))
         new_topics = set(topics) - state.topics
         state.topics |= new_topics

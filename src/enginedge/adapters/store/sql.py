@@ -378,7 +378,7 @@ class SqlStore:
         self._tracing = tracing or Tracing()
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[SqlTransaction]:
+    async def transaction(self, *, durable: bool = True) -> AsyncIterator[SqlTransaction]:
         with (
             self._tracing.span(
                 "db.transaction", attributes={"db.system": self.engine.dialect.name}
@@ -386,6 +386,11 @@ class SqlStore:
             unavailable_on_error(),
         ):
             async with self.engine.begin() as conn:
+                if not durable and conn.dialect.name == "postgresql":
+                    # The commit returns without waiting for its WAL flush (the next durable
+                    # commit flushes it). SQLite has no per-transaction setting: it stays
+                    # durable.
+                    await conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
                 yield SqlTransaction(conn)
 
     async def _fetch(self, query: Select[Any]) -> list[Any]:

@@ -153,8 +153,10 @@ class TracedBus:
                 traced.append(BusMessage(m.topic, m.key, m.value, headers))
             await self._bus.publish(traced)
 
-    async def subscribe(self, topics: Sequence[str], group: str) -> Subscription:
-        return await self._bus.subscribe(topics, group)
+    async def subscribe(
+        self, topics: Sequence[str], group: str, *, urgent: bool = True
+    ) -> Subscription:
+        return await self._bus.subscribe(topics, group, urgent=urgent)
 
     async def prepare(self, topics: Sequence[str]) -> None:
         await self._bus.prepare(topics)
