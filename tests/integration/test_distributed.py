@@ -355,6 +355,31 @@ async def test_events_cross_replicas_and_limits_are_shared(
             break
     assert recorded_by_b >= 2
 
+    # A caller waiting on A is woken when B records the outcome (the finished feed), not
+    # when its wait runs out.
+    recorded_by_b = 0
+    for i in range(20):
+        before = metric(
+            (await http.get(f"{b}/metrics")).text, 'enginedge_requests_total{status="success"}'
+        )
+        started = asyncio.get_running_loop().time()
+        response = await http.post(
+            f"{a}/api/orchestrate",
+            params={"wait": 20},
+            headers=H,
+            json={"taskType": "data.sql", "payload": sql_payload(i)},
+        )
+        assert response.status_code == 200, response.text
+        assert response.json()["result"] == {"columns": ["s"], "rows": [[i + 1000]]}
+        assert asyncio.get_running_loop().time() - started < 10
+        after = metric(
+            (await http.get(f"{b}/metrics")).text, 'enginedge_requests_total{status="success"}'
+        )
+        recorded_by_b += int(after > before)
+        if recorded_by_b >= 2:
+            break
+    assert recorded_by_b >= 2
+
     # One key's limit holds across both replicas (Redis counts for all of them).
     used = 0
     codes = []
