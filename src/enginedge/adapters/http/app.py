@@ -20,6 +20,7 @@ from enginedge.adapters.http.auth import KeyChecker, api_key_header, bearer, pre
 from enginedge.adapters.http.console import mount_console
 from enginedge.adapters.http.errors import install_error_handlers
 from enginedge.adapters.http.limits import BodySizeLimit
+from enginedge.adapters.http.params import context_of, parse_statuses
 from enginedge.adapters.http.schemas import (
     ErrorBody,
     HealthView,
@@ -53,8 +54,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 async def get_ctx(request: Request) -> Context:
     # A coroutine, not a plain function: FastAPI runs plain dependencies in a thread pool,
     # a thread hand-off on every call.
-    service: Service = request.app.state.service
-    return service.ctx
+    return context_of(request)
 
 
 async def authenticated(
@@ -212,13 +212,7 @@ async def list_requests(
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> RequestPage:
     """Requests, newest first, with cursor pagination."""
-    statuses: list[RequestStatus] = []
-    for value in ",".join(status or []).split(","):
-        if value.strip():
-            try:
-                statuses.append(RequestStatus(value.strip().upper()))
-            except ValueError:
-                raise InvalidPayload(f"unknown status {value.strip()[:30]!r}") from None
+    statuses = parse_statuses(status)
     position = None
     if cursor is not None:
         position = use.decode_cursor(cursor)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
@@ -29,15 +29,13 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import Field
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from enginedge.adapters.http.params import context_of, parse_statuses
 from enginedge.adapters.http.schemas import ErrorBody, Model, WorkerView
 from enginedge.application import console as use
 from enginedge.application import requests as requests_use
 from enginedge.application.context import Context
 from enginedge.application.ports import DeadLetter, RequestQuery
-from enginedge.domain.errors import InvalidPayload
 from enginedge.domain.model import Request as DomainRequest
-from enginedge.domain.model import RequestStatus
-from enginedge.service import Service
 
 ASSETS = Path(__file__).parent / "console"
 FEED_INTERVAL_SECONDS = 1.0
@@ -138,22 +136,6 @@ class DeadLetterList(Model):
     items: list[DeadLetterView]
 
 
-def _ctx(request: Request) -> Context:
-    service: Service = request.app.state.service
-    return service.ctx
-
-
-def _statuses(values: Sequence[str] | None) -> list[RequestStatus]:
-    statuses: list[RequestStatus] = []
-    for value in ",".join(values or []).split(","):
-        if value.strip():
-            try:
-                statuses.append(RequestStatus(value.strip().upper()))
-            except ValueError:
-                raise InvalidPayload(f"unknown status {value.strip()[:30]!r}") from None
-    return statuses
-
-
 def _activity_view(activity: use.Activity) -> ActivityView:
     return ActivityView(
         start=activity.start,
@@ -190,7 +172,7 @@ async def activity(
 ) -> ActivityView:
     """Throughput, latency quantiles and queue depth per worker type over the last
     ``minutes``, in 60 buckets; read from the shared store, the same on every replica."""
-    return _activity_view(await use.activity(_ctx(request), minutes))
+    return _activity_view(await use.activity(context_of(request), minutes))
 
 
 @api.get("/dead-letters", response_model=DeadLetterList)
@@ -198,7 +180,7 @@ async def dead_letters(
     request: Request, limit: Annotated[int, Query(ge=1, le=500)] = 100
 ) -> DeadLetterList:
     """What landed on the dead-letter topics, and why, newest first (kept 30 days)."""
-    letters = await use.dead_letters(_ctx(request), limit)
+    letters = await use.dead_letters(context_of(request), limit)
     return DeadLetterList(items=[DeadLetterView.of(d) for d in letters])
 
 
@@ -288,9 +270,9 @@ async def feed(
 ) -> EventSourceResponse:
     """The console's live feed (Server-Sent Events): the newest requests matching the filters,
     the fleet, recent activity and dead letters, each sent again whenever it changes."""
-    query = RequestQuery(statuses=_statuses(status), task_type=taskType, limit=limit)
+    query = RequestQuery(statuses=parse_statuses(status), task_type=taskType, limit=limit)
     return EventSourceResponse(
-        _Feed(_ctx(request), query, sinceMinutes).events(), ping=15, send_timeout=30
+        _Feed(context_of(request), query, sinceMinutes).events(), ping=15, send_timeout=30
     )
 
 
