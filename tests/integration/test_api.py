@@ -661,6 +661,31 @@ async def test_dispatches_carry_trace_and_correlation_headers(svc: Running) -> N
     assert messages[1].headers["correlation-id"] == messages[1].key
 
 
+async def test_a_short_task_sends_only_its_outcome_a_longer_one_says_it_started(
+    svc: Running,
+) -> None:
+    from enginedge.domain.messages import RESULTS_TOPIC, ResultMessage
+
+    tap = await svc.service.ctx.bus.subscribe([RESULTS_TOPIC], "test-results-tap")
+    quick = (await svc.submit("test.echo", {"n": 1})).json()["requestId"]
+    assert (await svc.wait_terminal(quick))["status"] == "COMPLETED"
+    slow = (await svc.submit("test.sleep", {"seconds": 0.3})).json()["requestId"]
+    running = await svc.wait_for(slow, lambda b: b["status"] == "PROCESSING")
+    assert running["startedAt"] is not None  # told before the outcome
+    final = await svc.wait_terminal(slow)
+    assert final["status"] == "COMPLETED"
+    assert final["startedAt"] < final["finishedAt"]
+    told: dict[str, list[str]] = {quick: [], slow: []}
+    for _ in range(20):
+        if sum(len(kinds) for kinds in told.values()) >= 3:
+            break
+        for message in await tap.next_batch(10, 0.5):
+            result = ResultMessage.from_json(message.value)
+            told.setdefault(str(result.request_id), []).append(result.kind)
+    assert told[quick] == ["completed"]
+    assert told[slow] == ["progress", "completed"]
+
+
 async def test_duplicate_and_superseded_results_change_nothing(svc: Running) -> None:
     from enginedge.application.ports import BusMessage
     from enginedge.domain.messages import RESULTS_TOPIC, ResultMessage

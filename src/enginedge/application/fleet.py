@@ -8,7 +8,7 @@ import logging
 import uuid
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from enginedge.application.context import Context
 from enginedge.application.events import progress_event, status_event
@@ -86,6 +86,16 @@ async def record_results(
     return refused
 
 
+def _started_at(request: Request, msg: ResultMessage, now: datetime) -> datetime:
+    """When the worker started, as well as this replica can tell: an outcome says how long
+    it ran (a duration, so the two clocks need not agree)."""
+    if msg.kind == "progress" or msg.processing_time_ms is None:
+        return now
+    started = now - timedelta(milliseconds=msg.processing_time_ms)
+    dispatched = request.dispatched_at
+    return max(started, dispatched) if dispatched is not None else started
+
+
 def _apply(ctx: Context, request: Request, msg: ResultMessage, now: datetime) -> list[RequestEvent]:
     """Move ``request`` as ``msg`` says; the events to tell (none if nothing changed)."""
     if _ignored(ctx, request, msg):
@@ -94,9 +104,9 @@ def _apply(ctx: Context, request: Request, msg: ResultMessage, now: datetime) ->
     if request.status is RequestStatus.PENDING:
         request.mark_dispatched(now)
     if request.status is RequestStatus.DISPATCHED:
-        # A partial result or outcome before its start message (lost or overtaken) starts
-        # the attempt.
-        request.mark_processing(msg.worker_id, now)
+        # A partial result or outcome before its start message (not sent for a short task,
+        # or lost, or overtaken) starts the attempt.
+        request.mark_processing(msg.worker_id, _started_at(request, msg, now))
         told.append(status_event(request))
     if msg.kind == "completed":
         assert msg.result is not None

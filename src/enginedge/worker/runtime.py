@@ -36,6 +36,8 @@ from enginedge.domain.messages import (
 from enginedge.worker.app import JSON, Task, TaskFailed, WorkerApp
 
 log = logging.getLogger(__name__)
+# How long a task runs before the worker says it started (see WorkerRuntime._handle).
+START_REPORT_DELAY = 0.02
 
 
 def _now() -> datetime:
@@ -267,18 +269,26 @@ class WorkerRuntime:
         running = self._running[task.request_id]
         started = time.perf_counter()
 
+        # A task that ends (or reports progress) within START_REPORT_DELAY says nothing
+        # else first: its first message starts it at the orchestrator too, one message
+        # where there were two for every short task.
+        announce = asyncio.create_task(self._announce(task, headers))
+
         async def report(chunk: Any) -> None:
             running.last_progress = time.monotonic()
             if chunk is None:  # task.heartbeat(): alive, nothing to show
                 return
+            announce.cancel()
             running.seq += 1
             await self._progress(task, running.seq, headers, chunk)
 
         task._report = report
         try:
-            await self._progress(task, 0, headers, None)  # "started"
             try:
-                result = await self._call(task)
+                try:
+                    result = await self._call(task)
+                finally:
+                    announce.cancel()  # what comes next tells the outcome
             except asyncio.CancelledError:
                 _interrupt(task)
                 if not running.cancelled:
@@ -308,6 +318,7 @@ class WorkerRuntime:
                 },
             )
         finally:
+            announce.cancel()
             self._running.pop(task.request_id, None)
             self._slot_freed.set()
 
@@ -334,6 +345,10 @@ class WorkerRuntime:
             **fields,
         )
         return BusMessage(RESULTS_TOPIC, str(task.request_id), message.to_json(), dict(headers))
+
+    async def _announce(self, task: Task, headers: Any) -> None:
+        await asyncio.sleep(START_REPORT_DELAY)
+        await self._progress(task, 0, headers, None)  # "started"
 
     async def _progress(self, task: Task, seq: int, headers: Any, chunk: Any) -> None:
         """Partial results are best effort: a lost one never fails the task."""
