@@ -312,6 +312,12 @@ async def test_two_replicas_two_workers_a_thousand_requests(
     assert cluster.stop_all() == [0, 0, 0, 0]
 
 
+async def successes(http: httpx.AsyncClient, replica: str) -> float:
+    """How many requests ``replica`` recorded as completed (its metrics)."""
+    text = (await http.get(f"{replica}/metrics")).text
+    return metric(text, 'enginedge_requests_total{status="success"}')
+
+
 async def test_events_cross_replicas_and_limits_are_shared(
     cluster: Cluster, http: httpx.AsyncClient
 ) -> None:
@@ -335,9 +341,7 @@ async def test_events_cross_replicas_and_limits_are_shared(
     # An SSE client on A sees the outcome of requests whose results B recorded.
     recorded_by_b = 0
     for i in range(20):
-        before = metric(
-            (await http.get(f"{b}/metrics")).text, 'enginedge_requests_total{status="success"}'
-        )
+        before = await successes(http, b)
         response = await http.post(
             f"{a}/api/orchestrate",
             headers=H,
@@ -347,9 +351,7 @@ async def test_events_cross_replicas_and_limits_are_shared(
         event = await asyncio.wait_for(sse_terminal(http, a, rid), 30)
         assert event["status"] == "COMPLETED"
         assert event["result"] == {"columns": ["s"], "rows": [[i + 1000]]}
-        after = metric(
-            (await http.get(f"{b}/metrics")).text, 'enginedge_requests_total{status="success"}'
-        )
+        after = await successes(http, b)
         recorded_by_b += int(after > before)
         if recorded_by_b >= 2:
             break
@@ -359,9 +361,7 @@ async def test_events_cross_replicas_and_limits_are_shared(
     # when its wait runs out.
     recorded_by_b = 0
     for i in range(20):
-        before = metric(
-            (await http.get(f"{b}/metrics")).text, 'enginedge_requests_total{status="success"}'
-        )
+        before = await successes(http, b)
         started = asyncio.get_running_loop().time()
         response = await http.post(
             f"{a}/api/orchestrate",
@@ -372,9 +372,7 @@ async def test_events_cross_replicas_and_limits_are_shared(
         assert response.status_code == 200, response.text
         assert response.json()["result"] == {"columns": ["s"], "rows": [[i + 1000]]}
         assert asyncio.get_running_loop().time() - started < 10
-        after = metric(
-            (await http.get(f"{b}/metrics")).text, 'enginedge_requests_total{status="success"}'
-        )
+        after = await successes(http, b)
         recorded_by_b += int(after > before)
         if recorded_by_b >= 2:
             break

@@ -184,7 +184,8 @@ async def _outcome(ctx: Context, waiter: Waiter, deadline: float) -> Request:
             async with asyncio.timeout_at(deadline):
                 await waiter.woken.wait()
         except TimeoutError:
-            return await get_request(ctx, waiter.request_id)
+            # The primary: a request accepted a moment ago may not be on a replica yet.
+            return await get_request(ctx, waiter.request_id, primary=True)
         if waiter.outcome is not None:
             return waiter.outcome
         # Finished elsewhere, or an announcement may have been missed: look. A read
