@@ -83,7 +83,7 @@ async def _republish_unclaimed(
             if request.worker_type not in starving:
                 continue
             request.republish(now)
-            await tx.save_request(request)
+            await tx.save_requests([request])
             await tx.enqueue([dispatch_message(request)])
             republished.append(request)
     for _ in republished:
@@ -191,7 +191,7 @@ async def _redispatch(
             for request in selected:
                 if request.can_retry:
                     request.requeue(now)
-                    await tx.save_request(request)
+                    await tx.save_requests([request])
                     retry_at = now + ctx.policy.backoff(request.attempts)
                     await tx.enqueue([dispatch_message(request, retry_at)])
                     events.append(status_event(request, reason=reason))

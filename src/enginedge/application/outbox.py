@@ -60,8 +60,8 @@ def _headers(request: Request) -> dict[str, str]:
 
 async def finish(ctx: Context, tx: StoreTransaction, request: Request, now: datetime) -> None:
     """Persist a request that just became terminal, with its one result row."""
-    await tx.save_request(request)
-    await tx.add_result(Result.of(request, now))
+    await tx.save_requests([request])
+    await tx.add_results([Result.of(request, now)])
 
 
 def finished(ctx: Context, request: Request) -> None:

@@ -76,18 +76,13 @@ class StoreTransaction(Protocol):
         """:meth:`lock_request` for many at once (those that exist), in a fixed order."""
         ...
 
-    async def save_request(self, request: Request) -> None:
-        """Write what changes over a request's life (status, attempt, worker, times)."""
-        ...
-
     async def save_requests(self, requests: Sequence[Request]) -> None:
-        """:meth:`save_request` for many, in one statement."""
+        """Write what changes over the requests' lives (status, attempt, worker, times), in
+        one statement."""
         ...
-
-    async def add_result(self, result: Result) -> None: ...
 
     async def add_results(self, results: Sequence[Result]) -> None:
-        """:meth:`add_result` for many, in one statement."""
+        """Keep each finished request's one result row, in one statement."""
         ...
 
     async def enqueue(self, messages: Sequence[OutboxMessage]) -> None: ...

@@ -228,17 +228,11 @@ class SqlTransaction:
         )
         return await self._requests(self._locked(query))
 
-    async def save_request(self, request: Request) -> None:
-        await self.save_requests([request])
-
     async def save_requests(self, requests: Sequence[Request]) -> None:
         if requests:
             await self._conn.execute(
                 _SAVE_STATE, [{"request_id": r.id, **_state_values(r)} for r in requests]
             )
-
-    async def add_result(self, result: Result) -> None:
-        await self.add_results([result])
 
     async def add_results(self, results: Sequence[Result]) -> None:
         if results:
