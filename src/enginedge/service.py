@@ -12,6 +12,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from enginedge.adapters.telemetry.metrics import PrometheusMetrics
 from enginedge.adapters.telemetry.tracing import Tracing
@@ -234,50 +235,43 @@ class Service:
         """The whole batch in one go; one message at a time if that fails otherwise than
         by the store being down (so that one bad message is retried, then dead-lettered,
         on its own)."""
+        try:
+            await self._until_the_store_answers(
+                lambda: handle_batch(self.ctx, batch, self._record_span), {"messages": len(batch)}
+            )
+        except Exception as exc:
+            log.warning("batch handling failed; one by one now", extra=_error(exc))
+            for message in batch:
+                await self._handle(message)
+
+    async def _until_the_store_answers(
+        self, job: Callable[[], Awaitable[None]], about: dict[str, Any]
+    ) -> None:
+        """Run ``job``; while the store is down, wait for it however long it takes (skipping
+        would lose results) and run it again. Any other failure is raised."""
         while True:
             try:
-                await handle_batch(self.ctx, batch, self._record_span)
+                await job()
                 return
             except ServiceUnavailable as exc:
-                # The store is down: wait for it however long it takes; skipping the
-                # batch would lose results.
                 log.warning(
                     "store unavailable while handling messages; will retry",
-                    extra={"messages": len(batch), "error": exc.message},
+                    extra={**about, "error": exc.message},
                 )
                 await asyncio.sleep(1.0)
-            except Exception as exc:
-                log.warning("batch handling failed; one by one now", extra=_error(exc))
-                for message in batch:
-                    await self._handle(message)
-                return
 
     async def _handle(self, message: BusMessage) -> None:
+        async def apply() -> None:
+            # Results join their request's trace; heartbeats would only add noise.
+            traced = message.topic == RESULTS_TOPIC
+            with self._record_span(message) if traced else contextlib.nullcontext():
+                await handle_message(self.ctx, message)
+
         attempt = 0
         while attempt < MAX_HANDLING_TRIES:
             try:
-                # Results join their request's trace; heartbeats would only add noise.
-                span = (
-                    self.tracing.span(
-                        f"record {message.topic}",
-                        message.headers.get("traceparent"),
-                        kind="consumer",
-                        attributes={"messaging.message.id": message.key},
-                    )
-                    if message.topic == RESULTS_TOPIC
-                    else contextlib.nullcontext()
-                )
-                with span:
-                    await handle_message(self.ctx, message)
+                await self._until_the_store_answers(apply, {"topic": message.topic})
                 return
-            except ServiceUnavailable as exc:
-                # The store is down: wait for it however long it takes; skipping the
-                # message would lose a result.
-                log.warning(
-                    "store unavailable while handling a message; will retry",
-                    extra={"topic": message.topic, "error": exc.message},
-                )
-                await asyncio.sleep(1.0)
             except Exception as exc:
                 attempt += 1
                 log.warning(
