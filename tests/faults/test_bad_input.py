@@ -150,6 +150,8 @@ async def test_invalid_utf8_and_broken_json(client: httpx.AsyncClient) -> None:
         b'{"taskType":"echo","payload":{"n":1e999999}}',
         b'{"taskType":"echo","payload":{"s":"a\\u0000b"}}',
         b'{"taskType":"echo","payload":{},"metadata":{"x":"\\u0000"}}',
+        b'{"taskType":"echo","payload":{"n":123456789012345678901234567890}}',
+        b'{"taskType":"echo","payload":{"n":[-9223372036854775809]}}',
     ):
         code = seen(
             "not storable JSON",

@@ -686,6 +686,19 @@ async def test_a_short_task_sends_only_its_outcome_a_longer_one_says_it_started(
     assert told[slow] == ["progress", "completed"]
 
 
+async def test_a_result_that_cannot_be_sent_fails_the_request_clearly(svc: Running) -> None:
+    rid = (await svc.submit("test.unsendable", {})).json()["requestId"]
+    final = await svc.wait_terminal(rid)
+    assert final["status"] == "FAILED"
+    assert "cannot be sent as JSON" in final["error"]
+    # The largest integers the wire carries are accepted as given.
+    edge = {"low": -(2**63), "high": 2**64 - 1}
+    done = await svc.client.post(
+        "/api/orchestrate?wait=10", headers=H, json={"taskType": "test.echo", "payload": edge}
+    )
+    assert done.json()["result"] == {"echo": edge}
+
+
 async def test_duplicate_and_superseded_results_change_nothing(svc: Running) -> None:
     from enginedge.application.ports import BusMessage
     from enginedge.domain.messages import RESULTS_TOPIC, ResultMessage

@@ -38,6 +38,10 @@ def worker_for_tests(
     async def echo(task: Task) -> dict[str, Any]:
         return await tracked(task, asyncio.sleep(0, {"echo": task.payload}))
 
+    @app.task("test.unsendable")
+    async def unsendable(task: Task) -> dict[str, Any]:
+        return await tracked(task, asyncio.sleep(0, {"n": 2**70}))
+
     @app.task("test.sleep")
     async def sleep(task: Task) -> dict[str, Any]:
         seconds = float(task.payload.get("seconds", 1))

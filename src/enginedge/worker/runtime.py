@@ -370,15 +370,25 @@ class WorkerRuntime:
         """Publish the outcome, retrying while the bus is down, until the request's deadline
         (after it the orchestrator has timed the request out and would ignore it)."""
         kind = "completed" if error is None else "failed"
-        message = self._result(
-            task,
-            kind,
-            seq,
-            headers,
-            result=result,
-            error=error,
-            processing_time_ms=processing_time,
-        )
+        try:
+            message = self._result(
+                task,
+                kind,
+                seq,
+                headers,
+                result=result,
+                error=error,
+                processing_time_ms=processing_time,
+            )
+        except (TypeError, ValueError) as exc:  # e.g. an integer over 64 bits, a set
+            message = self._result(
+                task,
+                "failed",
+                seq,
+                headers,
+                error=f"the handler's result cannot be sent as JSON: {exc}",
+                processing_time_ms=processing_time,
+            )
         delay = 0.1
         while True:
             try:

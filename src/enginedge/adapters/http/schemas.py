@@ -17,7 +17,8 @@ class Model(BaseModel):
 
 def _storable(value: Any) -> Any:
     """JSON that can be kept and sent on as given: no lone surrogates (not UTF-8), no NUL
-    characters (PostgreSQL keeps none), no infinite numbers (1e999 parses as one)."""
+    characters (PostgreSQL keeps none), no infinite numbers (1e999 parses as one), no
+    integers over 64 bits."""
     if isinstance(value, str):
         try:
             value.encode()
@@ -28,6 +29,9 @@ def _storable(value: Any) -> Any:
     elif isinstance(value, float):
         if not math.isfinite(value):
             raise ValueError("numbers must be finite")
+    elif isinstance(value, int) and not -(2**63) <= value < 2**64:
+        # The wire format (orjson) carries 64-bit integers; a bigger one cannot be sent on.
+        raise ValueError("integers must fit in 64 bits (-2^63 to 2^64-1)")
     elif isinstance(value, dict):
         for key, item in value.items():
             _storable(key)
