@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
 from sqlalchemy import event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -63,6 +64,15 @@ def sqlite_url(path: Path) -> str:
     return f"sqlite:///{path}"
 
 
+def _json_text(value: Any) -> str:
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
+# The JSON columns (payloads, results, metadata) through orjson rather than the standard
+# library: decoding them was 2% of the orchestrator's busy time under load.
+JSON_CODEC: dict[str, Any] = {"json_serializer": _json_text, "json_deserializer": orjson.loads}
+
+
 def create_engine(database_url: str, pool: PoolSettings) -> AsyncEngine:
     url = async_url(database_url)
     if url.get_backend_name() == "sqlite":
@@ -72,7 +82,7 @@ def create_engine(database_url: str, pool: PoolSettings) -> AsyncEngine:
         # One connection: SQLite has one writer at a time, and a single connection keeps
         # transactions serial without "database is locked" retries.
         engine = create_async_engine(
-            url, pool_size=1, max_overflow=0, pool_timeout=pool.acquire_timeout
+            url, pool_size=1, max_overflow=0, pool_timeout=pool.acquire_timeout, **JSON_CODEC
         )
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
@@ -87,6 +97,7 @@ def create_engine(database_url: str, pool: PoolSettings) -> AsyncEngine:
         # connection made before it.
         "pool_pre_ping": False,
         "connect_args": {"timeout": 10, "command_timeout": 30},
+        **JSON_CODEC,
     }
     if pool.pgbouncer or behind_pgbouncer(database_url):
         kwargs["connect_args"].update(_PGBOUNCER_CONNECT_ARGS)
@@ -100,8 +111,8 @@ def create_engine(database_url: str, pool: PoolSettings) -> AsyncEngine:
 # each execution, so no named prepared statement is left on a server connection for another
 # client to collide with. Everything else the store does already fits that mode: each
 # statement runs in an explicit transaction (SQLAlchemy's asyncpg dialect begins one, its
-# pre-ping too), the migration lock is pg_advisory_xact_lock, and nothing uses SET, LISTEN
-# or session advisory locks.
+# pre-ping too), the migration lock is pg_advisory_xact_lock, and nothing uses SET (only
+# SET LOCAL, which ends with its transaction), LISTEN or session advisory locks.
 _PGBOUNCER_CONNECT_ARGS: dict[str, Any] = {"statement_cache_size": 0}
 
 
@@ -110,7 +121,7 @@ def create_sqlite_reader(database_url: str, pool: PoolSettings, size: int = 4) -
     commit without waiting for the one writer connection (busy with a flush)."""
     url = async_url(database_url)
     engine = create_async_engine(
-        url, pool_size=size, max_overflow=0, pool_timeout=pool.acquire_timeout
+        url, pool_size=size, max_overflow=0, pool_timeout=pool.acquire_timeout, **JSON_CODEC
     )
     event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
     event.listen(engine.sync_engine, "connect", _read_only)
