@@ -65,12 +65,15 @@ def _dt(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value) if value else None
 
 
-def _is_uuid(text: str) -> bool:
-    try:
-        uuid.UUID(text)
-    except ValueError:
-        return False
-    return True
+def _uuids(texts: list[str]) -> list[uuid.UUID]:
+    """Those of ``texts`` that are UUIDs, parsed; anything else on the channel is skipped."""
+    ids = []
+    for text in texts:
+        try:
+            ids.append(uuid.UUID(text))
+        except ValueError:
+            continue
+    return ids
 
 
 def worker_to_json(worker: Worker) -> bytes:
@@ -218,8 +221,7 @@ class RedisEventStream:
                 message = await pubsub.get_message(timeout=1.0)
                 if message is None:
                     continue
-                ids = _text(message["data"]).split(",")
-                yield [uuid.UUID(i) for i in ids if _is_uuid(i)]
+                yield _uuids(_text(message["data"]).split(","))
         finally:
             await pubsub.aclose()  # type: ignore[no-untyped-call]
 
