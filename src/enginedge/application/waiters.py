@@ -49,9 +49,6 @@ class Waiters:
                 if not waiting:
                     del self._waiting[request_id]
 
-    def __len__(self) -> int:
-        return sum(len(w) for w in self._waiting.values())
-
     def resolve(self, request: Request) -> None:
         """``request`` finished here: its waiters have their answer."""
         for waiter in self._waiting.get(request.id, ()):
