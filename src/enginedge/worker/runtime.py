@@ -318,7 +318,6 @@ class WorkerRuntime:
                 },
             )
         finally:
-            announce.cancel()
             self._running.pop(task.request_id, None)
             self._slot_freed.set()
 
