@@ -140,7 +140,7 @@ class FallbackEvents(_Fallback):
 
     async def finished_feed(self) -> AsyncIterator[Sequence[uuid.UUID] | None]:
         # While Redis is away, outcomes recorded by other replicas go unannounced: waiters
-        # are told to look for themselves every RETRY_SECONDS until the feed is back.
+        # are told to look for themselves every FEED_RETRY_SECONDS until the feed is back.
         while True:
             try:
                 async for ids in self._primary.finished_feed():

@@ -65,7 +65,7 @@ async def authenticated(
     """Authenticate the caller and count the call against its rate limit."""
     checker: KeyChecker = request.app.state.keys
     caller = checker.check(presented_key(header_key, credentials))
-    await use.check_rate(await get_ctx(request), caller)
+    await use.check_rate(context_of(request), caller)
     return caller
 
 
