@@ -115,7 +115,8 @@ async def submit_and_wait(ctx: Context, cmd: SubmitCommand, timeout: float) -> S
     with ctx.waiters.watch(cmd.request_id) as waiter:
         submission = await submit(ctx, cmd)
         if not submission.created:
-            request = await wait_for_request(ctx, submission.request.id, timeout)
+            left = deadline - asyncio.get_running_loop().time()
+            request = await wait_for_request(ctx, submission.request.id, max(left, 0.0))
         else:
             request = await _outcome(ctx, waiter, deadline)
     return Submission(request, submission.created, submission.estimated_duration)
