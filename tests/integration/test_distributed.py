@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -318,6 +318,21 @@ async def successes(http: httpx.AsyncClient, replica: str) -> float:
     return metric(text, 'enginedge_requests_total{status="success"}')
 
 
+async def recorded_by(
+    http: httpx.AsyncClient, replica: str, round_trip: Callable[[int], Awaitable[None]]
+) -> int:
+    """Run ``round_trip(i)`` (which submits request ``i`` and checks its outcome) until
+    ``replica`` has recorded two of the outcomes, or 20 times; how many it recorded."""
+    recorded = 0
+    for i in range(20):
+        before = await successes(http, replica)
+        await round_trip(i)
+        recorded += int(await successes(http, replica) > before)
+        if recorded >= 2:
+            break
+    return recorded
+
+
 async def test_events_cross_replicas_and_limits_are_shared(
     cluster: Cluster, http: httpx.AsyncClient
 ) -> None:
@@ -339,9 +354,7 @@ async def test_events_cross_replicas_and_limits_are_shared(
     assert (health["status"], health["workerId"]) == ("HEALTHY", worker["workerId"])
 
     # An SSE client on A sees the outcome of requests whose results B recorded.
-    recorded_by_b = 0
-    for i in range(20):
-        before = await successes(http, b)
+    async def followed_over_sse(i: int) -> None:
         response = await http.post(
             f"{a}/api/orchestrate",
             headers=H,
@@ -351,17 +364,12 @@ async def test_events_cross_replicas_and_limits_are_shared(
         event = await asyncio.wait_for(sse_terminal(http, a, rid), 30)
         assert event["status"] == "COMPLETED"
         assert event["result"] == {"columns": ["s"], "rows": [[i + 1000]]}
-        after = await successes(http, b)
-        recorded_by_b += int(after > before)
-        if recorded_by_b >= 2:
-            break
-    assert recorded_by_b >= 2
+
+    assert await recorded_by(http, b, followed_over_sse) >= 2
 
     # A caller waiting on A is woken when B records the outcome (the finished feed), not
     # when its wait runs out.
-    recorded_by_b = 0
-    for i in range(20):
-        before = await successes(http, b)
+    async def waited_for(i: int) -> None:
         started = asyncio.get_running_loop().time()
         response = await http.post(
             f"{a}/api/orchestrate",
@@ -372,11 +380,8 @@ async def test_events_cross_replicas_and_limits_are_shared(
         assert response.status_code == 200, response.text
         assert response.json()["result"] == {"columns": ["s"], "rows": [[i + 1000]]}
         assert asyncio.get_running_loop().time() - started < 10
-        after = await successes(http, b)
-        recorded_by_b += int(after > before)
-        if recorded_by_b >= 2:
-            break
-    assert recorded_by_b >= 2
+
+    assert await recorded_by(http, b, waited_for) >= 2
 
     # One key's limit holds across both replicas (Redis counts for all of them).
     used = 0
