@@ -17,6 +17,7 @@ import orjson
 import pytest
 
 from tests.support.harness import API_KEY, OTHER_KEY, Running, fast_settings, run_service
+from tests.support.store_spy import SpiedStore
 from tests.support.workers import Probe, worker_for_tests
 
 H = {"X-API-Key": API_KEY}
@@ -574,6 +575,32 @@ async def test_events_stream_every_status_and_partial_result(svc: Running) -> No
     # Connecting after the end still tells the outcome.
     late = await read_events(svc, rid)
     assert late[-1][2]["status"] == "COMPLETED"
+
+
+async def test_events_tell_dispatched_when_the_worker_answers_before_the_relay(
+    svc: Running,
+) -> None:
+    # The relay commits DISPATCHED after the bus took the message; under load the worker's
+    # first report can be recorded before that commit. Hold the relay back to make it so.
+    held: list[int] = []
+
+    async def mark_dispatched(real: Any, attempts: Any, now: Any) -> Any:
+        if not held:
+            held.append(len(attempts))
+            await asyncio.sleep(1.0)
+        return await real(attempts, now)
+
+    ctx = svc.service.ctx
+    ctx.store = SpiedStore(ctx.store, mark_dispatched=mark_dispatched)  # type: ignore[assignment]
+    rid = (await svc.submit("test.stream", {"chunks": 3})).json()["requestId"]
+    events = await asyncio.wait_for(read_events(svc, rid), 15)
+    assert held == [1]
+    statuses = [d["status"] for _, k, d in events if k == "status"]
+    assert statuses == ["PENDING", "DISPATCHED", "PROCESSING", "COMPLETED"]
+    # The relay's late update found the request moved on, and told nothing twice.
+    await asyncio.sleep(1.2)
+    again = await read_events(svc, rid)
+    assert [d["status"] for _, k, d in again if k == "status"] == statuses
 
 
 async def test_events_of_an_unknown_request_are_404(svc: Running) -> None:

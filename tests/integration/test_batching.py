@@ -6,8 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,47 +14,28 @@ from enginedge.application.outbox import dispatch_message
 from enginedge.application.ports import IdempotencyKeyTaken
 from enginedge.domain.model import Request
 from tests.support.harness import API_KEY, fast_settings, run_service
+from tests.support.store_spy import SpiedStore
 from tests.support.workers import Probe, worker_for_tests
 
 H = {"X-API-Key": API_KEY}
 
 
-class CountingStore:
-    """The real store, noting the size of every insert of new requests."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.inserts: list[int] = []
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    @asynccontextmanager
-    async def transaction(self, *, durable: bool = True) -> AsyncIterator[Any]:
-        async with self.inner.transaction(durable=durable) as tx:
-            outer = self
-
-            class Tx:
-                def __getattr__(self, name: str) -> Any:
-                    return getattr(tx, name)
-
-                async def add_requests(self, requests: Sequence[Request]) -> None:
-                    outer.inserts.append(len(requests))
-                    await tx.add_requests(requests)
-
-            yield Tx()
-
-
 async def test_concurrent_submissions_share_commits(database_url: str, tmp_path: Path) -> None:
     settings = fast_settings(tmp_path, database_url)
     async with run_service(settings, [worker_for_tests(Probe())]) as svc:
-        counting = CountingStore(svc.service.ctx.store)
-        svc.service.ctx.store = counting  # type: ignore[assignment]
+        inserts: list[int] = []
+
+        async def add_requests(real: Any, requests: Sequence[Request]) -> None:
+            inserts.append(len(requests))
+            await real(requests)
+
+        ctx = svc.service.ctx
+        ctx.store = SpiedStore(ctx.store, add_requests=add_requests)  # type: ignore[assignment]
         responses = await asyncio.gather(*(svc.submit("test.echo", {"i": i}) for i in range(60)))
         assert [r.status_code for r in responses] == [202] * 60
-        assert sum(counting.inserts) == 60
-        assert max(counting.inserts) > 1  # several requests went in one commit
-        assert len(counting.inserts) < 60
+        assert sum(inserts) == 60
+        assert max(inserts) > 1  # several requests went in one commit
+        assert len(inserts) < 60
         for response in responses:
             final = await svc.wait_terminal(response.json()["requestId"])
             assert final["status"] == "COMPLETED"

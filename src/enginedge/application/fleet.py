@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 
 from enginedge.application.context import Context
 from enginedge.application.events import progress_event, status_event
-from enginedge.application.outbox import finished
+from enginedge.application.outbox import finished, observe_dispatch
 from enginedge.domain.errors import IllegalTransition
 from enginedge.domain.messages import HeartbeatMessage, ResultMessage
 from enginedge.domain.model import (
@@ -102,7 +102,12 @@ def _apply(ctx: Context, request: Request, msg: ResultMessage, now: datetime) ->
         return []
     told = []
     if request.status is RequestStatus.PENDING:
+        # The worker answered before the relay's commit marked the request DISPATCHED (the
+        # relay's update will find it moved on and change nothing): tell it here, so the
+        # events still show every step.
         request.mark_dispatched(now)
+        observe_dispatch(ctx, request, now)
+        told.append(status_event(request))
     if request.status is RequestStatus.DISPATCHED:
         # A partial result or outcome before its start message (not sent for a short task,
         # or lost, or overtaken) starts the attempt.

@@ -117,8 +117,15 @@ async def relay_outbox(ctx: Context, batch_size: int = 500) -> int:
             if m.request_id is not None and m.attempt is not None
         ]
         dispatched = await tx.mark_dispatched(attempts, now) if attempts else []
-    await ctx.events.append_all([status_event(r) for r in dispatched])
+        # Told before the commit, while the rows are still locked: a worker's report moves
+        # the request on only after this commit, so its events come after these.
+        await ctx.events.append_all([status_event(r) for r in dispatched])
     for request in dispatched:
-        if request.attempts == 1:
-            ctx.metrics.dispatched(request.worker_type, (now - request.created_at).total_seconds())
+        observe_dispatch(ctx, request, now)
     return len(pending)
+
+
+def observe_dispatch(ctx: Context, request: Request, now: datetime) -> None:
+    """Observe how long a request waited for its first dispatch (a retry is not a new wait)."""
+    if request.attempts == 1:
+        ctx.metrics.dispatched(request.worker_type, (now - request.created_at).total_seconds())
