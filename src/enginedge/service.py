@@ -114,7 +114,8 @@ class Service:
         self._stopping.set()
         if self._consumer is not None:
             try:
-                await asyncio.wait_for(asyncio.shield(self._consumer), grace)
+                async with asyncio.timeout(grace):
+                    await asyncio.shield(self._consumer)
             except (TimeoutError, Exception):
                 self._consumer.cancel()
                 await asyncio.gather(self._consumer, return_exceptions=True)
@@ -204,7 +205,8 @@ class Service:
             if sent == 0:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), RELAY_POLL_SECONDS)
+                    async with asyncio.timeout(RELAY_POLL_SECONDS):
+                        await self._wake.wait()
 
     async def _consume(self, subscription: Subscription) -> None:
         while not self._stopping.is_set():

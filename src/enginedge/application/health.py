@@ -36,7 +36,8 @@ class HealthReport:
 
 async def _probe(check: Callable[[], Awaitable[None]], timeout: float) -> ComponentHealth:
     try:
-        await asyncio.wait_for(check(), timeout)
+        async with asyncio.timeout(timeout):
+            await check()
     except TimeoutError:
         return ComponentHealth("down", f"no answer within {timeout:g}s")
     except Exception as exc:  # any failure of a backing service means "down"
@@ -60,7 +61,8 @@ async def fleet_counts(ctx: Context) -> dict[str, dict[str, int]]:
     cannot be read within the probe timeout: the fleet is then unknown)."""
     now = ctx.clock.now()
     try:
-        workers = await asyncio.wait_for(ctx.registry.all(), ctx.policy.probe_timeout)
+        async with asyncio.timeout(ctx.policy.probe_timeout):
+            workers = await ctx.registry.all()
     except Exception:
         workers = []
     counts: dict[str, dict[str, int]] = {}

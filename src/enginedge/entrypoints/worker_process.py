@@ -74,6 +74,7 @@ async def _prepare(bus: KafkaBus, topics: list[str], stop: asyncio.Event) -> Non
         except Exception as exc:
             log.warning("Kafka not reachable; will retry", extra={"error": str(exc)})
             try:
-                await asyncio.wait_for(stop.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await stop.wait()
             except TimeoutError:
                 delay = min(delay * 2, 5.0)

@@ -207,7 +207,8 @@ class WorkerRuntime:
                     await self._requests.next_batch(0, 0)
                     self._slot_freed.clear()
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._slot_freed.wait(), self.poll_timeout)
+                        async with asyncio.timeout(self.poll_timeout):
+                            await self._slot_freed.wait()
                     continue
                 batch = await self._requests.next_batch(free, self.poll_timeout)
             except Exception:
@@ -329,7 +330,8 @@ class WorkerRuntime:
             )
         remaining = max((task.deadline - self._clock()).total_seconds(), 0.001)
         call = asyncio.to_thread(spec.handler, task) if spec.blocking else spec.handler(task)
-        result = await asyncio.wait_for(call, remaining)  # type: ignore[arg-type]
+        async with asyncio.timeout(remaining):
+            result = await call  # type: ignore[misc]
         if not isinstance(result, dict):
             raise TaskFailed(f"the handler returned {type(result).__name__}, not an object")
         return result
@@ -405,7 +407,7 @@ class WorkerRuntime:
 
     async def _listen_control(self) -> None:
         assert self._control is not None
-        while True:
+        while not self._stopping.is_set():
             try:
                 batch = await self._control.next_batch(100, self.poll_timeout)
             except Exception:

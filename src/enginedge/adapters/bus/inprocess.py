@@ -34,7 +34,8 @@ class InProcessSubscription:
         queue = self._group.queue
         if queue.empty():
             try:
-                first = await asyncio.wait_for(queue.get(), timeout)
+                async with asyncio.timeout(timeout):
+                    first = await queue.get()
             except TimeoutError:
                 return []
             batch = [first]

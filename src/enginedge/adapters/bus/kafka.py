@@ -159,7 +159,8 @@ class KafkaSubscription:
                 continue
             try:
                 # Local once the partition has a position; bounded in case it has none yet.
-                position = await asyncio.wait_for(consumer.position(partition), 1.0)
+                async with asyncio.timeout(1.0):
+                    position = await consumer.position(partition)
             except (TimeoutError, KafkaError):
                 continue
             if position > high:
@@ -185,7 +186,8 @@ class KafkaSubscription:
         if self._consumer is not None:
             # Bounded: leaving the group waits for the broker, which may be gone.
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._consumer.stop(), CLOSE_TIMEOUT_SECONDS)
+                async with asyncio.timeout(CLOSE_TIMEOUT_SECONDS):
+                    await self._consumer.stop()
             self._consumer = None
 
 
@@ -243,7 +245,8 @@ class KafkaBus:
         while True:
             await asyncio.sleep(WATCH_INTERVAL)
             try:
-                await asyncio.wait_for(self.ping(), WATCH_TIMEOUT)
+                async with asyncio.timeout(WATCH_TIMEOUT):
+                    await self.ping()
             except Exception:
                 self._failed()
 
@@ -311,5 +314,6 @@ class KafkaBus:
         await asyncio.gather(*(s.close() for s in self._subscriptions))
         if self._producer is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._producer.stop(), CLOSE_TIMEOUT_SECONDS)
+                async with asyncio.timeout(CLOSE_TIMEOUT_SECONDS):
+                    await self._producer.stop()
             self._producer = None

@@ -80,7 +80,8 @@ class InProcessEventStream:
                 position += 1
             changed = self._changed.setdefault(request_id, asyncio.Event())
             try:
-                await asyncio.wait_for(changed.wait(), idle_timeout)
+                async with asyncio.timeout(idle_timeout):
+                    await changed.wait()
             except TimeoutError:
                 yield None
 
