@@ -106,6 +106,11 @@ class Service:
             },
         )
 
+    def begin_shutdown(self) -> None:
+        """The server stops taking requests: answer the long-polling callers now, with
+        their requests as they are, so that they do not hold the shutdown."""
+        self.ctx.waiters.close()
+
     async def stop(self, grace: float = 10.0) -> None:
         """Stop workers (draining them), let the consumer finish and commit its batch,
         publish what the outbox holds, then close."""

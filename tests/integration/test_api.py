@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 
@@ -601,6 +602,41 @@ async def test_events_tell_dispatched_when_the_worker_answers_before_the_relay(
     await asyncio.sleep(1.2)
     again = await read_events(svc, rid)
     assert [d["status"] for _, k, d in again if k == "status"] == statuses
+
+
+async def test_shutdown_answers_waiting_callers_at_once(svc: Running, probe: Probe) -> None:
+    # uvicorn waits for open requests before the app hears of a shutdown: long-polling
+    # callers must be answered then (as if their wait ran out), not held until uvicorn's
+    # grace runs out and cancels them with a 500.
+    from enginedge.application import requests as use
+
+    busy = (await svc.submit("test.hang", {})).json()["requestId"]
+    await svc.wait_for(busy, lambda b: b["status"] == "PROCESSING")
+    async with httpx.AsyncClient(base_url=svc.url, headers=H, timeout=60) as other:
+        waiting = [
+            asyncio.create_task(
+                other.post(
+                    "/api/orchestrate?wait=50", json={"taskType": "test.hang", "payload": {}}
+                )
+            )
+            for _ in range(3)
+        ]
+        polling = asyncio.create_task(other.get(f"/api/requests/{busy}?wait=50"))
+        for _ in range(1000):
+            if svc.service.ctx.waiters.count() == 4 or any(w.done() for w in waiting):
+                break
+            await asyncio.sleep(0.01)
+        assert svc.service.ctx.waiters.count() == 4
+        svc.server.should_exit = True
+        answers = await asyncio.wait_for(asyncio.gather(*waiting), 10)
+        assert [a.status_code for a in answers] == [202] * 3
+        assert {a.json()["status"] for a in answers} <= {"PENDING", "DISPATCHED", "PROCESSING"}
+        polled = await asyncio.wait_for(polling, 10)
+        assert (polled.status_code, polled.json()["status"]) == (200, "PROCESSING")
+        # A caller arriving while the service drains is not made to wait either.
+        late = use.wait_for_request(svc.service.ctx, uuid.UUID(busy), 50)
+        assert (await asyncio.wait_for(late, 2)).status.value == "PROCESSING"
+    probe.release.set()
 
 
 async def test_events_of_an_unknown_request_are_404(svc: Running) -> None:

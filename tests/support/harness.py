@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import uvicorn
 from fastapi import FastAPI
 
 from enginedge.adapters.http.serving import serving
@@ -49,6 +50,7 @@ class Running:
     url: str
     app: FastAPI
     client: httpx.AsyncClient
+    server: uvicorn.Server
 
     @property
     def service(self) -> Service:
@@ -102,12 +104,15 @@ async def run_service(
 ) -> AsyncIterator[Running]:
     """Start the whole service (lifespan, loops, workers) on a free port; stop it after."""
     app = build_app(settings, workers)
+    service: Service = app.state.service
     port = free_port()
     async with (
-        serving(app, "127.0.0.1", port, lifespan="on"),
+        serving(
+            app, "127.0.0.1", port, lifespan="on", on_shutdown=service.begin_shutdown
+        ) as server,
         httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client,
     ):
-        yield Running(f"http://127.0.0.1:{port}", app, client)
+        yield Running(f"http://127.0.0.1:{port}", app, client, server)
 
 
 def unique(prefix: str) -> str:

@@ -164,7 +164,7 @@ async def wait_for_request(ctx: Context, request_id: uuid.UUID, timeout: float) 
     as it is recorded. The store is read only for a request without events (unknown, or its
     events expired), for the answer of a wait that ran out, and on a cache miss.
     """
-    if timeout <= 0:
+    if timeout <= 0 or ctx.waiters.closed:
         return await get_request(ctx, request_id)
     deadline = asyncio.get_running_loop().time() + timeout
     with ctx.waiters.watch(request_id) as waiter:
@@ -179,14 +179,14 @@ async def wait_for_request(ctx: Context, request_id: uuid.UUID, timeout: float) 
 
 
 async def _outcome(ctx: Context, waiter: Waiter, deadline: float) -> Request:
-    """The request ``waiter`` watches, once terminal or at ``deadline`` (loop time)."""
-    while True:
+    """The request ``waiter`` watches, once terminal, at ``deadline`` (loop time), or as
+    soon as this process starts shutting down."""
+    while not ctx.waiters.closed:
         try:
             async with asyncio.timeout_at(deadline):
                 await waiter.woken.wait()
         except TimeoutError:
-            # The primary: a request accepted a moment ago may not be on a replica yet.
-            return await get_request(ctx, waiter.request_id, primary=True)
+            break
         if waiter.outcome is not None:
             return waiter.outcome
         # Finished elsewhere, or an announcement may have been missed: look. A read
@@ -195,6 +195,8 @@ async def _outcome(ctx: Context, waiter: Waiter, deadline: float) -> Request:
         request = await get_request(ctx, waiter.request_id, primary=True)
         if request.terminal:
             return request
+    # The primary: a request accepted a moment ago may not be on a replica yet.
+    return await get_request(ctx, waiter.request_id, primary=True)
 
 
 def _is_terminal(event: RequestEvent) -> bool:

@@ -4,7 +4,9 @@ A request that finishes on this replica hands its outcome to its waiters directl
 (:meth:`Waiters.resolve`). One that finishes on another replica is announced on the event
 stream's feed of finished requests, and its waiters here read the outcome (from the request
 cache) when :meth:`Waiters.wake` says so. When the feed may have missed something (Redis
-reconnected, or is down), every waiter looks again (:meth:`Waiters.wake_all`).
+reconnected, or is down), every waiter looks again (:meth:`Waiters.wake_all`). When the
+process shuts down (:meth:`Waiters.close`), nobody waits any more: each caller is answered
+with the request as it is, instead of holding the shutdown until the server gives up on it.
 """
 
 from __future__ import annotations
@@ -33,6 +35,21 @@ class Waiters:
 
     def __init__(self) -> None:
         self._waiting: dict[uuid.UUID, list[Waiter]] = {}
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        """True once the process is shutting down: a caller answers without waiting."""
+        return self._closed
+
+    def count(self) -> int:
+        """How many callers are waiting."""
+        return sum(len(waiting) for waiting in self._waiting.values())
+
+    def close(self) -> None:
+        """Shutting down: wake every waiter, and let no later caller wait."""
+        self._closed = True
+        self.wake_all()
 
     @contextmanager
     def watch(self, request_id: uuid.UUID) -> Iterator[Waiter]:

@@ -92,6 +92,7 @@ def serve(
 ) -> None:
     import uvicorn
 
+    from enginedge.adapters.http.serving import Server
     from enginedge.adapters.telemetry.logging import configure_logging
     from enginedge.bootstrap import StartupError, preflight
     from enginedge.entrypoints.asgi import build_app
@@ -122,7 +123,7 @@ def serve(
         timeout_graceful_shutdown=30,
         server_header=False,
     )
-    server = uvicorn.Server(config)
+    server = Server(config, on_shutdown=fastapi_app.state.service.begin_shutdown)
     # Uvicorn shuts down gracefully on SIGTERM/SIGINT, then raises the signal again against
     # the handler it found: with these no-op handlers, a graceful shutdown exits 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
