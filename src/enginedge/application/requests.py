@@ -22,12 +22,11 @@ from enginedge.domain.errors import (
     RequestNotFound,
 )
 from enginedge.domain.messages import new_traceparent, valid_traceparent
-from enginedge.domain.model import TERMINAL_STATUSES, Request, RequestEvent, Worker
+from enginedge.domain.model import TERMINAL_NAMES, Request, RequestEvent, Worker
 from enginedge.domain.routing import choose_worker
 from enginedge.domain.tasks import BUILTIN_TASKS, check_payload, check_task_type, parse_metadata
 
 MAX_PAGE = 500
-TERMINAL_NAMES = frozenset(s.value for s in TERMINAL_STATUSES)
 
 
 @dataclass(frozen=True, slots=True)

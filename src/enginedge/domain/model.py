@@ -36,6 +36,8 @@ class RequestStatus(enum.StrEnum):
 TERMINAL_STATUSES = frozenset(
     {RequestStatus.COMPLETED, RequestStatus.FAILED, RequestStatus.CANCELLED, RequestStatus.TIMEOUT}
 )
+# As they are written in events and API answers.
+TERMINAL_NAMES = frozenset(s.value for s in TERMINAL_STATUSES)
 
 _S = RequestStatus
 # The forward path is PENDING -> DISPATCHED -> PROCESSING -> terminal. The arrows back to

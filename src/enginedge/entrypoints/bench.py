@@ -32,11 +32,12 @@ import httpx
 import psutil
 import uvloop
 
+from enginedge.domain.model import TERMINAL_NAMES
+
 Mode = Literal["embedded", "distributed", "external"]
 # How a caller learns the outcome: the submit waits for it (``POST ...?wait=``), or the
 # submit answers 202 at once and the caller long-polls ``GET /api/requests/{id}?wait=``.
 Flow = Literal["submit-wait", "poll"]
-TERMINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"})
 WAIT_SECONDS = 30
 
 
@@ -165,7 +166,7 @@ async def _one(session: aiohttp.ClientSession, url: str, i: int, flow: Flow) -> 
             raise _Failed(f"submit answered {response.status}: {(await response.text())[:200]}")
         body = await response.json()
     status_url = f"/api/requests/{body['requestId']}"
-    while body["status"] not in TERMINAL:
+    while body["status"] not in TERMINAL_NAMES:
         async with session.get(f"{url}{status_url}", params={"wait": WAIT_SECONDS}) as answer:
             if answer.status != 200:
                 raise _Failed(f"status answered {answer.status}: {(await answer.text())[:200]}")

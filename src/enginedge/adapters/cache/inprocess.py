@@ -10,9 +10,7 @@ from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import datetime
 
-from enginedge.domain.model import TERMINAL_STATUSES, Request, RequestEvent, Worker
-
-_TERMINAL_NAMES = frozenset(s.value for s in TERMINAL_STATUSES)
+from enginedge.domain.model import TERMINAL_NAMES, Request, RequestEvent, Worker
 
 
 class InProcessRegistry:
@@ -50,7 +48,7 @@ class InProcessEventStream:
         changed = self._changed.pop(event.request_id, None)
         if changed is not None:
             changed.set()
-        if event.type == "status" and event.data.get("status") in _TERMINAL_NAMES:
+        if event.type == "status" and event.data.get("status") in TERMINAL_NAMES:
             asyncio.get_running_loop().call_later(self._retention, self._drop, event.request_id)
         return stored
 

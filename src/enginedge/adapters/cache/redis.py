@@ -25,7 +25,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from enginedge.domain.model import (
-    TERMINAL_STATUSES,
+    TERMINAL_NAMES,
     Request,
     RequestEvent,
     RequestStatus,
@@ -36,7 +36,6 @@ from enginedge.domain.model import (
 PREFIX = "enginedge:"
 FINISHED_CHANNEL = f"{PREFIX}finished"
 MAX_EVENTS_PER_REQUEST = 100_000
-_TERMINAL_NAMES = frozenset(s.value for s in TERMINAL_STATUSES)
 
 
 def connect(url: str, *, blocking: bool = False) -> aioredis.Redis:
@@ -199,7 +198,7 @@ class RedisEventStream:
                 )
                 # A stream lives for a day while its request runs, ``retention`` once it
                 # ended: set as the request starts (or starts again) and as it ends.
-                if status in _TERMINAL_NAMES:
+                if status in TERMINAL_NAMES:
                     pipe.expire(key, self._retention)
                     finished.append(str(event.request_id))
                 elif status == "PENDING":
