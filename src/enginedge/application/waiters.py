@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 from enginedge.domain.model import Request
+
+T = TypeVar("T")
 
 
 class Waiter:
@@ -35,12 +38,32 @@ class Waiters:
 
     def __init__(self) -> None:
         self._waiting: dict[uuid.UUID, list[Waiter]] = {}
-        self._closed = False
+        self._closed = asyncio.Event()
 
     @property
     def closed(self) -> bool:
         """True once the process is shutting down: a caller answers without waiting."""
-        return self._closed
+        return self._closed.is_set()
+
+    async def until_closed(self, items: AsyncIterator[T]) -> AsyncIterator[T]:
+        """``items`` until they end or this process starts shutting down (an event stream
+        then ends cleanly, and its client resumes on another replica)."""
+        closed = asyncio.ensure_future(self._closed.wait())
+        try:
+            while not closed.done():
+                step = asyncio.ensure_future(anext(items))
+                await asyncio.wait((step, closed), return_when=asyncio.FIRST_COMPLETED)
+                if not step.done():
+                    step.cancel()
+                    await asyncio.gather(step, return_exceptions=True)
+                    return
+                try:
+                    item = step.result()
+                except StopAsyncIteration:
+                    return
+                yield item
+        finally:
+            closed.cancel()
 
     def count(self) -> int:
         """How many callers are waiting."""
@@ -48,7 +71,7 @@ class Waiters:
 
     def close(self) -> None:
         """Shutting down: wake every waiter, and let no later caller wait."""
-        self._closed = True
+        self._closed.set()
         self.wake_all()
 
     @contextmanager

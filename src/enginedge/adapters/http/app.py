@@ -259,7 +259,7 @@ async def _event_stream(
     ctx: Context, request_id: uuid.UUID, after: str | None
 ) -> AsyncIterator[ServerSentEvent]:
     async with ctx.events.follow(request_id, after, SSE_IDLE_SECONDS) as stream:
-        async for event in stream:
+        async for event in ctx.waiters.until_closed(stream):
             if event is None:
                 # Quiet for a while: if the request finished where this replica could not
                 # see it (events expired, another process), say so from the store.

@@ -271,9 +271,9 @@ async def feed(
     """The console's live feed (Server-Sent Events): the newest requests matching the filters,
     the fleet, recent activity and dead letters, each sent again whenever it changes."""
     query = RequestQuery(statuses=parse_statuses(status), task_type=taskType, limit=limit)
-    return EventSourceResponse(
-        _Feed(context_of(request), query, sinceMinutes).events(), ping=15, send_timeout=30
-    )
+    ctx = context_of(request)
+    feed = ctx.waiters.until_closed(_Feed(ctx, query, sinceMinutes).events())
+    return EventSourceResponse(feed, ping=15, send_timeout=30)
 
 
 pages = APIRouter(include_in_schema=False)
