@@ -18,6 +18,7 @@ import orjson
 import pytest
 
 from tests.support.harness import API_KEY, OTHER_KEY, Running, fast_settings, run_service
+from tests.support.servers import free_port
 from tests.support.store_spy import SpiedStore
 from tests.support.workers import Probe, worker_for_tests
 
@@ -637,6 +638,40 @@ async def test_shutdown_answers_waiting_callers_at_once(svc: Running, probe: Pro
         late = use.wait_for_request(svc.service.ctx, uuid.UUID(busy), 50)
         assert (await asyncio.wait_for(late, 2)).status.value == "PROCESSING"
     probe.release.set()
+
+
+async def test_cli_follow_resumes_across_a_restart(database_url: str, tmp_path: Path) -> None:
+    # `enginedge submit --wait` follows the event stream; a rolling restart closes it. The
+    # client resumes (Last-Event-ID) on the service that answers next, and sees the outcome.
+    from enginedge.entrypoints.client import Client
+
+    settings = fast_settings(tmp_path, database_url)
+    port = free_port()
+    probe = Probe()
+    follower = Client(f"http://127.0.0.1:{port}", API_KEY)
+    async with run_service(settings, [worker_for_tests(probe, capacity=1)], port) as first:
+        rid = (await first.submit("test.hang", {})).json()["requestId"]
+        await first.wait_for(rid, lambda b: b["status"] == "PROCESSING")
+        seen: list[tuple[str, dict[str, Any]]] = []
+
+        def follow() -> None:
+            for event in follower.events(rid):
+                seen.append(event)
+
+        following = asyncio.create_task(asyncio.to_thread(follow))
+        for _ in range(500):  # until the follower is connected and told the story so far
+            if len(seen) >= 3:
+                break
+            await asyncio.sleep(0.01)
+        assert [d["status"] for _, d in seen] == ["PENDING", "DISPATCHED", "PROCESSING"]
+        first.server.should_exit = True
+        await asyncio.sleep(0.5)  # the stream is closed; the follower is reconnecting
+        assert not following.done()
+        probe.release.set()  # the drain lets the task finish
+    async with run_service(settings, [worker_for_tests(probe)], port):
+        await asyncio.wait_for(following, 30)
+    assert seen[-1][1]["status"] == "COMPLETED"
+    assert seen[-1][1]["result"] == {"released": True}
 
 
 async def test_events_of_an_unknown_request_are_404(svc: Running) -> None:

@@ -100,12 +100,13 @@ class Running:
 
 @contextlib.asynccontextmanager
 async def run_service(
-    settings: Settings, workers: list[WorkerApp] | None = None
+    settings: Settings, workers: list[WorkerApp] | None = None, port: int | None = None
 ) -> AsyncIterator[Running]:
-    """Start the whole service (lifespan, loops, workers) on a free port; stop it after."""
+    """Start the whole service (lifespan, loops, workers) on ``port`` (else a free one);
+    stop it after."""
     app = build_app(settings, workers)
     service: Service = app.state.service
-    port = free_port()
+    port = port or free_port()
     async with (
         serving(
             app, "127.0.0.1", port, lifespan="on", on_shutdown=service.begin_shutdown

@@ -368,8 +368,6 @@ def _follow(client: Client, request_id: str, as_json: bool) -> None:
                     spinner.update(
                         f"{request_id}: {data['status']} (attempt {data.get('attempt')})"
                     )
-                    if data["status"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
-                        break
         if streamed:
             err.print()
         final = client.status(request_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,10 @@ import httpx
 import orjson
 
 from enginedge.config import generated_key_path
+from enginedge.domain.model import TERMINAL_NAMES
+
+# How long `events` keeps trying to resume a lost stream (a rolling restart takes seconds).
+RECONNECT_SECONDS = 30.0
 
 
 class ApiError(Exception):
@@ -79,28 +84,60 @@ class Client:
         result: dict[str, Any] = self._call("GET", "/api/workers")
         return list(result["items"])
 
-    def events(self, request_id: str) -> Iterator[tuple[str, dict[str, Any]]]:
-        """Follow the request's SSE stream, yielding (event type, data) until it ends."""
-        try:
-            with (
-                self._http() as http,
-                http.stream("GET", f"/api/requests/{request_id}/events", timeout=None) as response,
-            ):
-                if response.status_code != 200:
-                    response.read()
-                    _decode(response)
-                kind, data = "message", list[str]()
-                for line in response.iter_lines():
-                    if line == "":
-                        if data:
-                            yield kind, orjson.loads("\n".join(data))
-                        kind, data = "message", []
-                    elif line.startswith("event:"):
-                        kind = line[6:].strip()
-                    elif line.startswith("data:"):
-                        data.append(line[5:].strip())
-        except httpx.HTTPError as exc:
-            raise ApiError("UNREACHABLE", f"lost the event stream: {exc}") from None
+    def events(
+        self, request_id: str, reconnect_for: float = RECONNECT_SECONDS
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Follow the request's SSE stream, yielding (event type, data) until its outcome.
+
+        A stream that breaks or ends before the outcome (its replica restarting, say) is
+        resumed where it stopped (``Last-Event-ID``), on whichever replica answers; it gives
+        up after ``reconnect_for`` seconds without a single event.
+        """
+        last_id: str | None = None
+        quiet_since = time.monotonic()
+        pause = 0.2
+        while True:
+            try:
+                for ident, kind, data in self._stream(request_id, last_id):
+                    last_id = ident or last_id
+                    quiet_since, pause = time.monotonic(), 0.2
+                    yield kind, data
+                    if kind == "status" and data.get("status") in TERMINAL_NAMES:
+                        return
+                problem = "the stream ended before the outcome"
+            except httpx.HTTPError as exc:
+                problem = str(exc) or type(exc).__name__
+            if time.monotonic() - quiet_since + pause > reconnect_for:
+                raise ApiError("UNREACHABLE", f"lost the event stream: {problem}")
+            time.sleep(pause)
+            pause = min(pause * 2, 2.0)
+
+    def _stream(
+        self, request_id: str, last_id: str | None
+    ) -> Iterator[tuple[str, str, dict[str, Any]]]:
+        """One connection to the SSE stream: (id, event type, data) as they come."""
+        headers = {"Last-Event-ID": last_id} if last_id else {}
+        with (
+            self._http() as http,
+            http.stream(
+                "GET", f"/api/requests/{request_id}/events", headers=headers, timeout=None
+            ) as response,
+        ):
+            if response.status_code != 200:
+                response.read()
+                _decode(response)
+            ident, kind, data = "", "message", list[str]()
+            for line in response.iter_lines():
+                if line == "":
+                    if data:
+                        yield ident, kind, orjson.loads("\n".join(data))
+                    ident, kind, data = "", "message", []
+                elif line.startswith("id:"):
+                    ident = line[3:].strip()
+                elif line.startswith("event:"):
+                    kind = line[6:].strip()
+                elif line.startswith("data:"):
+                    data.append(line[5:].strip())
 
 
 def _decode(response: httpx.Response) -> Any:
