@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from enginedge.adapters.bus.inprocess import InProcessBus
 from enginedge.adapters.cache.inprocess import InProcessEventStream
 from enginedge.application.ports import BusMessage, RequestEvent
+from enginedge.application.waiters import Waiters
 
 
 async def _stops_when_cancelled_as_data_arrives(
@@ -57,3 +58,42 @@ async def test_an_event_stream_stops_when_cancelled_as_an_event_arrives() -> Non
         await events.append(RequestEvent(request_id=request_id, type="progress", data={}))
 
     assert await _stops_when_cancelled_as_data_arrives(follow, arrive)
+
+
+async def _forever(stopped: asyncio.Event) -> AsyncIterator[int]:
+    """One item, then nothing, ever; says when it is stopped."""
+    try:
+        yield 1
+        await asyncio.Event().wait()
+    finally:
+        stopped.set()
+
+
+async def test_a_stream_ends_when_the_service_starts_shutting_down() -> None:
+    waiters, stopped = Waiters(), asyncio.Event()
+
+    async def follow() -> list[int]:
+        return [item async for item in waiters.until_closed(_forever(stopped))]
+
+    following = asyncio.create_task(follow())
+    await asyncio.sleep(0.05)
+    waiters.close()
+    assert await asyncio.wait_for(following, 2) == [1]
+    assert stopped.is_set()
+
+
+async def test_a_stream_left_by_its_client_stops_what_it_follows() -> None:
+    # The client goes away while the stream waits for its next item: what it follows must
+    # stop too, not go on in a task of its own.
+    waiters, stopped = Waiters(), asyncio.Event()
+
+    async def follow() -> None:
+        async for _ in waiters.until_closed(_forever(stopped)):
+            pass
+
+    following = asyncio.create_task(follow())
+    await asyncio.sleep(0.05)
+    following.cancel()
+    await asyncio.wait([following], timeout=2)
+    assert following.cancelled()
+    assert stopped.is_set()

@@ -49,13 +49,12 @@ class Waiters:
         """``items`` until they end or this process starts shutting down (an event stream
         then ends cleanly, and its client resumes on another replica)."""
         closed = asyncio.ensure_future(self._closed.wait())
+        step: asyncio.Future[T] | None = None
         try:
             while not closed.done():
                 step = asyncio.ensure_future(anext(items))
                 await asyncio.wait((step, closed), return_when=asyncio.FIRST_COMPLETED)
                 if not step.done():
-                    step.cancel()
-                    await asyncio.gather(step, return_exceptions=True)
                     return
                 try:
                     item = step.result()
@@ -63,7 +62,12 @@ class Waiters:
                     return
                 yield item
         finally:
+            # Also when the client went away while ``items`` was waiting: the step still
+            # running is stopped here, not left behind holding the stream.
             closed.cancel()
+            if step is not None and not step.done():
+                step.cancel()
+                await asyncio.gather(step, return_exceptions=True)
 
     def count(self) -> int:
         """How many callers are waiting."""
