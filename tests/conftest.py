@@ -16,6 +16,7 @@ from tests.support.servers import (
     PGBOUNCER_MISSING,
     PgBouncer,
     PostgresServer,
+    kafka_broker,
     pgbouncer_binary,
     pgbouncer_server,
     postgres_server,
@@ -78,3 +79,13 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
         yield bouncer.url_for(make_url(url).database or "postgres")
     else:
         yield url
+
+
+@pytest.fixture
+def broker() -> Iterator[str]:
+    """A fresh Kafka-protocol broker for the test (or TEST_KAFKA_BROKERS), as host:port."""
+    if os.environ.get("TEST_KAFKA_BROKERS"):
+        yield os.environ["TEST_KAFKA_BROKERS"]
+        return
+    with kafka_broker() as server:
+        yield f"127.0.0.1:{server.port}"

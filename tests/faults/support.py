@@ -181,21 +181,6 @@ async def worker_endpoint(url: str, http: httpx.AsyncClient, worker_id: str) -> 
     return str(body["endpoint"])
 
 
-async def wait_healthy(
-    url: str, http: httpx.AsyncClient, worker_id: str, timeout: float = 60
-) -> None:
-    """Until the registry shows ``worker_id`` HEALTHY: a worker back from a fault rejoins
-    its groups and passes a health check first, and until then new work is refused."""
-    deadline = time.monotonic() + timeout
-    body: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        body = (await http.get(f"{url}/api/workers/{worker_id}", headers=H)).json()
-        if body.get("status") == "HEALTHY":
-            return
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"worker {worker_id} not HEALTHY within {timeout:g}s: {body}")
-
-
 @dataclass
 class Verdict:
     """What PostgreSQL says about the accepted requests once all are terminal."""

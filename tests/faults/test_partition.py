@@ -31,10 +31,10 @@ from tests.faults.support import (
     record,
     verdict,
     wait_all_terminal,
-    wait_healthy,
     wait_processing,
     worker_endpoint,
 )
+from tests.support.harness import wait_healthy
 from tests.support.servers import (
     Restartable,
     free_port,

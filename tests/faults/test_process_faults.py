@@ -26,10 +26,10 @@ from tests.faults.support import (
     verdict,
     verdict_figures,
     wait_all_terminal,
-    wait_healthy,
     wait_processing,
     worker_endpoint,
 )
+from tests.support.harness import wait_healthy
 
 
 async def _terminal(url: str, http: httpx.AsyncClient, rids: list[str], timeout: float) -> float:

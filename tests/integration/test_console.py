@@ -23,7 +23,7 @@ from enginedge.application.ports import BusMessage
 from enginedge.domain.messages import RESULTS_TOPIC
 from tests.support.fake_llm import FakeLlm, fake_llm_server
 from tests.support.harness import API_KEY, Running, fast_settings, run_service
-from tests.support.servers import free_port, kafka_broker, redis_server, stop_process
+from tests.support.servers import free_port, redis_server, stop_process
 
 playwright_api = pytest.importorskip("playwright.async_api", reason="playwright not installed")
 Browser = playwright_api.Browser
@@ -226,15 +226,6 @@ def test_console_page_and_assets_are_served_from_the_package(tmp_path: Path) -> 
         text = (ASSETS / name).read_text()
         assert "http://" not in text.replace("http://www.w3.org/2000/svg", "")
         assert "https://" not in text
-
-
-@pytest.fixture
-def broker() -> Iterator[str]:
-    if os.environ.get("TEST_KAFKA_BROKERS"):
-        yield os.environ["TEST_KAFKA_BROKERS"]
-        return
-    with kafka_broker() as server:
-        yield f"127.0.0.1:{server.port}"
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
@@ -118,3 +119,19 @@ async def run_service(
 
 def unique(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex[:10]}"
+
+
+async def wait_healthy(
+    url: str, http: httpx.AsyncClient, worker_id: str, timeout: float = 60
+) -> None:
+    """Until the registry shows ``worker_id`` HEALTHY: a worker back from a fault rejoins
+    its groups and passes a health check first, and until then new work is refused."""
+    deadline = time.monotonic() + timeout
+    body: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        answer = await http.get(f"{url}/api/workers/{worker_id}", headers={"X-API-Key": API_KEY})
+        body = answer.json()
+        if body.get("status") == "HEALTHY":
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"worker {worker_id} not HEALTHY within {timeout:g}s: {body}")
