@@ -118,6 +118,9 @@ heartbeats = encoded(
             "inFlight": wrong_or(st.lists(ids | st.text(max_size=40), max_size=3)),
             "reason": json_values,
             "idle": json_values,
+            "abandoned": wrong_or(
+                st.dictionaries(ids | st.text(max_size=8), st.integers(1, 5) | ints, max_size=3)
+            ),
         },
     )
 )
@@ -139,7 +142,11 @@ extreme_heartbeats = encoded(
                 timezones=st.just(UTC),
             ).map(datetime.isoformat),
         },
-        optional={"inFlight": st.lists(ids, max_size=3), "reason": st.text(max_size=600)},
+        optional={
+            "inFlight": st.lists(ids, max_size=3),
+            "reason": st.text(max_size=600),
+            "abandoned": st.dictionaries(ids, st.integers(1, 2**63 - 1), max_size=3),
+        },
     )
 )
 dispatches = encoded(

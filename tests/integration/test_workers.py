@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import re
+import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from enginedge.application.ports import BusMessage
+from enginedge.domain.messages import HEARTBEATS_TOPIC, HeartbeatMessage
 from enginedge.worker import WorkerApp, WorkerRuntime
 from enginedge.worker.health import serving_health
 from tests.integration.test_api import H, read_events
 from tests.support.fake_llm import FakeLlm, fake_llm_server
-from tests.support.harness import Running, fast_settings, run_service
+from tests.support.harness import Running, fast_settings, run_service, wait_healthy
 from tests.support.servers import free_port
 from tests.support.workers import Probe, worker_for_tests
 
@@ -42,21 +46,72 @@ async def test_capacity_bounds_what_a_worker_holds(tmp_path: Path) -> None:
         assert runtime.max_active == 2  # busy at full capacity, never beyond it
 
 
+@pytest.mark.parametrize("bus", ["in-process", "kafka"])
 async def test_a_stuck_handler_is_detected_and_its_request_runs_elsewhere(
-    tmp_path: Path,
+    tmp_path: Path, request: pytest.FixtureRequest, bus: str
 ) -> None:
+    """The stuck worker tells the orchestrator it gave the attempt up, and leaves the
+    consumer group while it cools down: over Kafka a member that stays keeps its partitions,
+    so the retry (same key, same partition) would wait for it and run there again."""
+    brokers = {"kafka_brokers": request.getfixturevalue("broker")} if bus == "kafka" else {}
     probe = Probe()
-    settings = fast_settings(tmp_path, builtin_workers="none")
-    apps = [worker_for_tests(probe, capacity=1, stall_timeout=0.6) for _ in range(2)]
+    # Longer than the rebalance, so the waiting retry is not published again meanwhile.
+    settings = fast_settings(tmp_path, builtin_workers="none", dispatch_timeout=30, **brokers)
+    # The stuck worker's cool-down (its stall timeout) outlasts the hand-over of the retry:
+    # over Kafka a rebalance (up to a 3 s heartbeat, then tansu's 5 s join window).
+    stall = 1.5 if bus == "in-process" else 12.0
+    apps = [worker_for_tests(probe, capacity=1, stall_timeout=stall) for _ in range(2)]
     async with run_service(settings, apps) as svc:
+        for runtime in svc.service.workers:
+            await wait_healthy(svc.url, svc.client, runtime.id)
         rid = (await svc.submit("test.hang_first", {})).json()["requestId"]
-        first = await svc.wait_for(rid, lambda b: b["status"] == "PROCESSING")
-        final = await svc.wait_terminal(rid, timeout=20)
+        first = await svc.wait_for(rid, lambda b: b["status"] == "PROCESSING", timeout=30)
+        final = await svc.wait_terminal(rid, timeout=40)
         assert final["status"] == "COMPLETED"
         assert final["attempts"] == 2
         assert final["result"] == {"attempt": 2}
         assert final["workerId"] != first["workerId"]
         assert rid in probe.cancelled  # the stuck handler was abandoned
+        assert probe.completed == [rid]  # the retry ran once
+        # Taken back at the worker's word, not found later as lost or unheld.
+        samples = svc.service.metrics.registry.get_sample_value
+        assert samples("enginedge_redispatches_total", {"reason": "abandoned"}) == 1
+        assert not samples("enginedge_redispatches_total", {"reason": "worker_lost"})
+        assert not samples("enginedge_redispatches_total", {"reason": "result_lost"})
+
+
+async def test_only_the_worker_running_an_attempt_can_give_it_up(tmp_path: Path) -> None:
+    """A heartbeat's ``abandoned`` list moves nothing that its sender is not running: not
+    another worker's request, not another attempt."""
+    settings = fast_settings(tmp_path, builtin_workers="none")
+    async with run_service(settings, [worker_for_tests(Probe())]) as svc:
+        (runtime,) = svc.service.workers
+        rid = (await svc.submit("test.sleep", {"seconds": 1.5})).json()["requestId"]
+        await svc.wait_for(rid, lambda b: b["status"] == "PROCESSING")
+        stranger = str(uuid.uuid4())
+        for sender, attempt in ((stranger, 1), (runtime.id, 2)):
+            beat = HeartbeatMessage(
+                sender,
+                "testing",
+                "",
+                ["test.sleep"],
+                1,
+                1,
+                "UNHEALTHY",
+                datetime.now(UTC),
+                abandoned={rid: attempt},
+            )
+            await svc.service.ctx.bus.publish(
+                [BusMessage(HEARTBEATS_TOPIC, sender, beat.to_json())]
+            )
+        final = await svc.wait_terminal(rid)
+        assert (final["status"], final["attempts"], final["workerId"]) == (
+            "COMPLETED",
+            1,
+            runtime.id,
+        )
+        samples = svc.service.metrics.registry.get_sample_value
+        assert not samples("enginedge_redispatches_total", {"reason": "abandoned"})
 
 
 async def test_a_worker_whose_health_check_fails_gets_no_work(tmp_path: Path) -> None:

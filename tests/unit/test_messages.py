@@ -22,6 +22,7 @@ from enginedge.domain.messages import (
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 WID = str(uuid.uuid4())
+RID = str(uuid.uuid4())
 
 
 def test_round_trips() -> None:
@@ -41,8 +42,31 @@ def test_round_trips() -> None:
     assert orjson.loads(idle.to_json())["idle"] is True
     assert HeartbeatMessage.from_json(idle.to_json()) == idle
     assert "idle" not in orjson.loads(beat.to_json())  # only said when true
+    gave_up = HeartbeatMessage(
+        WID, "llm", "http://w:8080", ["llm.chat"], 4, 0, "UNHEALTHY", NOW, abandoned={RID: 2}
+    )
+    assert orjson.loads(gave_up.to_json())["abandoned"] == {RID: 2}
+    assert HeartbeatMessage.from_json(gave_up.to_json()) == gave_up
+    assert "abandoned" not in orjson.loads(beat.to_json())  # only said when there is some
     control = ControlMessage("cancel", uuid.uuid4())
     assert ControlMessage.from_json(control.to_json()) == control
+
+
+@pytest.mark.parametrize(
+    "abandoned",
+    [
+        [RID],
+        {RID: 0},
+        {RID: True},
+        {RID: "2"},
+        {"not-a-uuid": 1},
+        {str(i): 1 for i in range(10_001)},
+    ],
+)
+def test_a_malformed_abandoned_list_is_refused(abandoned: object) -> None:
+    beat = orjson.loads(HeartbeatMessage(WID, "llm", "h", [], 1, 0, "HEALTHY", NOW).to_json())
+    with pytest.raises(MalformedMessage, match="'abandoned' must map request ids"):
+        HeartbeatMessage.from_json(orjson.dumps({**beat, "abandoned": abandoned}))
 
 
 def test_wire_field_names_follow_the_spec() -> None:

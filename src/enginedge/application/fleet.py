@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 
 from enginedge.application.context import Context
 from enginedge.application.events import progress_event, status_event
+from enginedge.application.maintenance import redispatch_abandoned
 from enginedge.application.outbox import finished, observe_dispatch
 from enginedge.domain.errors import IllegalTransition
 from enginedge.domain.messages import HeartbeatMessage, ResultMessage
@@ -173,6 +174,8 @@ async def record_heartbeat(ctx: Context, msg: HeartbeatMessage) -> Worker:
         async with ctx.store.transaction() as tx:
             await tx.save_worker(worker)
         ctx.worker_persisted_at[worker.id] = now
+    if msg.abandoned:
+        await redispatch_abandoned(ctx, worker.id, msg.abandoned)
     return worker
 
 

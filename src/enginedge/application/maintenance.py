@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -109,6 +110,33 @@ async def recover_in_flight(ctx: Context) -> SweepReport:
         "restart",
         "the service restarted",
         lambda tx: tx.lock_in_flight(None, BATCH),
+    )
+    return report
+
+
+async def redispatch_abandoned(
+    ctx: Context, worker_id: str, abandoned: dict[str, int]
+) -> SweepReport:
+    """Give another attempt, at once, to what a worker says it gave up without an outcome
+    (a handler that made no progress within its stall timeout).
+
+    Only the very attempt it names, and only while that worker is the one known to run it
+    (or none is known yet), so that a heartbeat repeating the list changes nothing later.
+    """
+    report = SweepReport()
+    ids = sorted(uuid.UUID(r) for r in abandoned)
+
+    async def given_up(tx: StoreTransaction) -> list[Request]:
+        return [
+            r
+            for r in await tx.lock_requests(ids)
+            if r.status in (RequestStatus.DISPATCHED, RequestStatus.PROCESSING)
+            and r.attempts == abandoned[str(r.id)]
+            and r.worker_id in (None, worker_id)
+        ]
+
+    await _redispatch(
+        ctx, ctx.clock.now(), report, "abandoned", "the worker running it gave it up", given_up
     )
     return report
 

@@ -252,6 +252,9 @@ class HeartbeatMessage:
     reason: str | None = None
     # Free slots and nothing to read for a while: every dispatch meant for it has been read.
     idle: bool = False
+    # Attempts it gave up without an outcome (a stalled handler), by request id: the
+    # orchestrator dispatches them again at once instead of waiting to find them unheld.
+    abandoned: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> bytes:
         return encode(
@@ -267,6 +270,7 @@ class HeartbeatMessage:
                 "inFlight": self.in_flight,
                 **({"reason": self.reason} if self.reason else {}),
                 **({"idle": True} if self.idle else {}),
+                **({"abandoned": self.abandoned} if self.abandoned else {}),
             }
         )
 
@@ -302,7 +306,29 @@ class HeartbeatMessage:
             in_flight=in_flight,
             reason=str(data["reason"])[:500] if data.get("reason") else None,
             idle=data.get("idle") is True,
+            abandoned=_abandoned(data),
         )
+
+
+# More than any worker's capacity: a list past it is not an honest heartbeat.
+MAX_ABANDONED = 10_000
+
+
+def _abandoned(data: dict[str, Any]) -> dict[str, int]:
+    wrong = MalformedMessage("field 'abandoned' must map request ids to attempt numbers")
+    abandoned = data.get("abandoned") or {}
+    if (
+        not isinstance(abandoned, dict)
+        or len(abandoned) > MAX_ABANDONED
+        or not all(
+            isinstance(a, int) and not isinstance(a, bool) and a >= 1 for a in abandoned.values()
+        )
+    ):
+        raise wrong
+    try:
+        return {str(uuid.UUID(rid)): attempt for rid, attempt in abandoned.items()}
+    except ValueError:
+        raise wrong from None
 
 
 @dataclass(frozen=True, slots=True)

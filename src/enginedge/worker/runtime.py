@@ -88,6 +88,9 @@ class WorkerRuntime:
         # Why this worker says it is unhealthy, and until when (monotonic seconds).
         self.reason: str | None = None
         self._unhealthy_until = 0.0
+        # Attempts given up without an outcome, told in every heartbeat until the cool-down
+        # ends: request id -> (attempt, monotonic deadline).
+        self._abandoned: dict[str, tuple[int, float]] = {}
         self._last_poll = time.monotonic()
         # Since when polls with free slots have brought nothing (None: not so now).
         self._empty_since: float | None = None
@@ -109,9 +112,7 @@ class WorkerRuntime:
 
     async def start(self) -> None:
         """Announce the worker and start consuming."""
-        self._requests = await self.bus.subscribe(
-            [requests_topic(self.app.type)], worker_group(self.app.type)
-        )
+        self._requests = await self._subscribe_requests()
         # Control messages reach every worker: each one is its own group.
         self._control = await self.bus.subscribe(
             [CONTROL_TOPIC], f"worker-control.{self.id}", urgent=False
@@ -146,11 +147,17 @@ class WorkerRuntime:
             status=self.status,
             ts=self._clock(),
             reason=self.reason if self.status == "UNHEALTHY" else None,
-            in_flight=[str(r) for r in self._running],
+            in_flight=[str(r) for r, run in self._running.items() if not run.cancelled],
             idle=self.idle,
+            abandoned=self._still_abandoned(),
         )
         headers = {"traceparent": new_traceparent(), "correlation-id": self.id}
         await self.bus.publish([BusMessage(HEARTBEATS_TOPIC, self.id, message.to_json(), headers)])
+
+    def _still_abandoned(self) -> dict[str, int]:
+        now = time.monotonic()
+        self._abandoned = {r: a for r, a in self._abandoned.items() if a[1] > now}
+        return {r: attempt for r, (attempt, _) in self._abandoned.items()}
 
     @property
     def status(self) -> str:
@@ -174,6 +181,9 @@ class WorkerRuntime:
             self._unhealthy(
                 f"request {stalled[0].task.request_id} made no progress for {stall:g}s", now
             )
+            for running in stalled:
+                task = running.task
+                self._abandoned[str(task.request_id)] = (task.attempt, self._unhealthy_until)
         elif now - self._last_poll > max(stall, 30 * self.poll_timeout):
             self._unhealthy("the consumer stopped polling", now)
 
@@ -196,12 +206,17 @@ class WorkerRuntime:
 
     async def _consume(self) -> None:
         """Take at most as many dispatches as there are free slots; when full, take none
-        (they stay in the bus for the other workers) but stay in the consumer group."""
-        assert self._requests is not None
+        (they stay in the bus for the other workers) but stay in the consumer group; while
+        unhealthy, leave it."""
         while not self._stopping.is_set():
             self._last_poll = time.monotonic()
             free = self.app.capacity - self.active if self.status == "HEALTHY" else 0
             try:
+                if self.status == "UNHEALTHY":
+                    await self._sit_out()
+                    continue
+                if self._requests is None:
+                    self._requests = await self._subscribe_requests()
                 if free <= 0:
                     self._empty_since = None
                     await self._requests.next_batch(0, 0)
@@ -226,6 +241,20 @@ class WorkerRuntime:
                     await self._requests.commit()
                 except Exception:  # redelivered later: the orchestrator ignores duplicates
                     log.warning("dispatch offsets not committed", exc_info=True)
+
+    async def _sit_out(self) -> None:
+        """Leave the type's consumer group while unhealthy: a member that stays would keep
+        its partitions, and every dispatch on them (the abandoned attempt's retry too,
+        which has the same key) would wait for this worker's cool-down."""
+        self._empty_since = None
+        if self._requests is not None:
+            subscription, self._requests = self._requests, None
+            await subscription.close()
+        await asyncio.sleep(self.poll_timeout)
+
+    async def _subscribe_requests(self) -> Subscription:
+        topic = requests_topic(self.app.type)
+        return await self.bus.subscribe([topic], worker_group(self.app.type))
 
     async def _start(self, message: BusMessage) -> None:
         try:

@@ -183,12 +183,24 @@ class KafkaSubscription:
         await self._consumer.commit()
 
     async def close(self) -> None:
+        """Leave the group (its partitions go to the other members at once) and stop."""
         if self._consumer is not None:
+            _leave_even_generation_zero(self._consumer)
             # Bounded: leaving the group waits for the broker, which may be gone.
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(CLOSE_TIMEOUT_SECONDS):
                     await self._consumer.stop()
             self._consumer = None
+
+
+def _leave_even_generation_zero(consumer: AIOKafkaConsumer) -> None:
+    """aiokafka sends LeaveGroup on stop only past generation 0, as Kafka numbers a group's
+    generations from 1; tansu numbers them from 0, and there a member that stopped in its
+    group's first generation kept its partitions until its session timed out (10 s, then a
+    rebalance). The request names the member, not the generation, so claiming 1 is enough."""
+    coordinator = getattr(consumer, "_coordinator", None)
+    if coordinator is not None and getattr(coordinator, "generation", None) == 0:
+        coordinator.generation = 1
 
 
 class KafkaBus:
