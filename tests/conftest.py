@@ -4,7 +4,8 @@ fresh database per test."""
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import asyncpg
@@ -16,10 +17,12 @@ from tests.support.servers import (
     PGBOUNCER_MISSING,
     PgBouncer,
     PostgresServer,
+    Restartable,
     kafka_broker,
     pgbouncer_binary,
     pgbouncer_server,
     postgres_server,
+    redis_server,
 )
 
 
@@ -81,11 +84,23 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
         yield url
 
 
+def _server_or_env(
+    variable: str, start: Callable[[], AbstractContextManager[Restartable]], url: str
+) -> Iterator[str]:
+    if os.environ.get(variable):
+        yield os.environ[variable]
+        return
+    with start() as server:
+        yield url.format(port=server.port)
+
+
 @pytest.fixture
 def broker() -> Iterator[str]:
     """A fresh Kafka-protocol broker for the test (or TEST_KAFKA_BROKERS), as host:port."""
-    if os.environ.get("TEST_KAFKA_BROKERS"):
-        yield os.environ["TEST_KAFKA_BROKERS"]
-        return
-    with kafka_broker() as server:
-        yield f"127.0.0.1:{server.port}"
+    yield from _server_or_env("TEST_KAFKA_BROKERS", kafka_broker, "127.0.0.1:{port}")
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """A fresh Redis for the test (or TEST_REDIS_URL)."""
+    yield from _server_or_env("TEST_REDIS_URL", redis_server, "redis://127.0.0.1:{port}/0")

@@ -12,7 +12,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from enginedge.application.ports import BusMessage
 from enginedge.domain.messages import RESULTS_TOPIC
 from tests.support.fake_llm import FakeLlm, fake_llm_server
 from tests.support.harness import API_KEY, Running, fast_settings, run_service
-from tests.support.servers import free_port, redis_server, stop_process
+from tests.support.servers import free_port, stop_process
 
 playwright_api = pytest.importorskip("playwright.async_api", reason="playwright not installed")
 Browser = playwright_api.Browser
@@ -226,15 +226,6 @@ def test_console_page_and_assets_are_served_from_the_package(tmp_path: Path) -> 
         text = (ASSETS / name).read_text()
         assert "http://" not in text.replace("http://www.w3.org/2000/svg", "")
         assert "https://" not in text
-
-
-@pytest.fixture
-def redis_url() -> Iterator[str]:
-    if os.environ.get("TEST_REDIS_URL"):
-        yield os.environ["TEST_REDIS_URL"]
-        return
-    with redis_server() as server:
-        yield f"redis://127.0.0.1:{server.port}/0"
 
 
 async def test_console_marks_a_stopped_worker_process_unhealthy_on_any_replica(

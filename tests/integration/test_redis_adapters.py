@@ -18,6 +18,7 @@ from tests.support.servers import redis_server
 
 @pytest.fixture(scope="module")
 def redis_url() -> Iterator[str]:
+    """A Redis of its own, never TEST_REDIS_URL's: these tests flush it."""
     with redis_server() as server:
         yield f"redis://127.0.0.1:{server.port}/0"
 
