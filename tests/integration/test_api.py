@@ -17,7 +17,7 @@ import httpx
 import orjson
 import pytest
 
-from tests.support.harness import API_KEY, OTHER_KEY, Running, fast_settings, run_service
+from tests.support.harness import API_KEY, OTHER_KEY, Running, fast_settings, run_service, until
 from tests.support.servers import free_port
 from tests.support.store_spy import SpiedStore
 from tests.support.workers import Probe, worker_for_tests
@@ -814,7 +814,12 @@ async def test_duplicate_and_superseded_results_change_nothing(svc: Running) -> 
             error="late failure" if kind == "failed" else None,
         )
         await svc.service.ctx.bus.publish([BusMessage(RESULTS_TOPIC, rid, message.to_json())])
-    await asyncio.sleep(0.3)
+
+    async def all_three_consumed() -> bool:
+        ignored = svc.service.metrics.registry.get_sample_value
+        return (ignored("enginedge_results_ignored_total", {"reason": "duplicate"}) or 0) >= 3
+
+    await until("the three late results to be consumed", all_three_consumed)
     after = await svc.get(rid)
     assert (after["status"], after["result"], after["error"]) == (
         "COMPLETED",

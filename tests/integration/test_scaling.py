@@ -13,7 +13,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import httpx
@@ -29,7 +28,7 @@ from tests.integration.test_distributed import (
     http,
     sql_payload,
 )
-from tests.support.harness import API_KEY, fast_settings, run_service
+from tests.support.harness import API_KEY, fast_settings, run_service, until
 from tests.support.servers import (
     PostgresServer,
     postgres_bin_dir,
@@ -72,15 +71,6 @@ async def status_in(conn: asyncpg.Connection, request_id: str) -> str | None:
     except asyncpg.UndefinedTableError:
         return None
     return None if value is None else str(value)
-
-
-async def until(what: str, check: Any, timeout: float = 20.0) -> None:
-    """Poll the coroutine function ``check`` until it returns true."""
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def test_status_and_list_read_the_replica_and_a_new_request_is_still_found(

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -135,3 +135,12 @@ async def wait_healthy(
             return
         await asyncio.sleep(0.2)
     raise AssertionError(f"worker {worker_id} not HEALTHY within {timeout:g}s: {body}")
+
+
+async def until(what: str, check: Callable[[], Awaitable[Any]], timeout: float = 20.0) -> None:
+    """Poll the coroutine function ``check`` until it returns true."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
