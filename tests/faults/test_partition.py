@@ -193,7 +193,7 @@ async def test_worker_partitioned_then_healed(
             break
         await asyncio.sleep(0.5)
     kill(c.workers[0])  # the host worker goes: only the healed one is left
-    await wait_healthy(url, http, victim_id)
+    await wait_healthy(url, http, victim_id, headers=H)
     after = Load(url, http)
     await after.submit_many(fast=20, start=7000)
     await wait_all_terminal(c.database_url, after, timeout=150)

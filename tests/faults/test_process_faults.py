@@ -127,7 +127,7 @@ async def test_worker_frozen_then_resumed_late(
         await asyncio.sleep(0.5)
     # ... and keeps consuming: with the other worker gone, it runs all new work.
     kill(other)
-    await wait_healthy(url, http, victim_id)
+    await wait_healthy(url, http, victim_id, headers=H)
     after = Load(url, http)
     await after.submit_many(fast=20, start=5000)
     await wait_all_terminal(c.database_url, after, timeout=120)

@@ -122,14 +122,22 @@ def unique(prefix: str) -> str:
 
 
 async def wait_healthy(
-    url: str, http: httpx.AsyncClient, worker_id: str, timeout: float = 60
+    url: str,
+    http: httpx.AsyncClient,
+    worker_id: str,
+    timeout: float = 60,
+    headers: dict[str, str] | None = None,
 ) -> None:
     """Until the registry shows ``worker_id`` HEALTHY: a worker back from a fault rejoins
-    its groups and passes a health check first, and until then new work is refused."""
+    its groups and passes a health check first, and until then new work is refused.
+    ``headers`` authenticate (default: this harness's API key)."""
     deadline = time.monotonic() + timeout
     body: dict[str, Any] = {}
     while time.monotonic() < deadline:
-        answer = await http.get(f"{url}/api/workers/{worker_id}", headers={"X-API-Key": API_KEY})
+        answer = await http.get(
+            f"{url}/api/workers/{worker_id}", headers=headers or {"X-API-Key": API_KEY}
+        )
+        assert answer.status_code != 401, answer.text  # the wrong key: no use waiting
         body = answer.json()
         if body.get("status") == "HEALTHY":
             return
