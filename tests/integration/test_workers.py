@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
+import subprocess
+import sys
+import threading
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -15,12 +19,12 @@ import pytest
 
 from enginedge.application.ports import BusMessage
 from enginedge.domain.messages import HEARTBEATS_TOPIC, HeartbeatMessage
-from enginedge.worker import WorkerApp, WorkerRuntime
+from enginedge.worker import Task, WorkerApp, WorkerRuntime
 from enginedge.worker.health import serving_health
 from tests.integration.test_api import H, read_events
 from tests.support.fake_llm import FakeLlm, fake_llm_server
 from tests.support.harness import Running, fast_settings, run_service, wait_healthy
-from tests.support.servers import free_port
+from tests.support.servers import free_port, stop_process
 from tests.support.workers import Probe, worker_for_tests
 
 README = Path(__file__).parents[2] / "README.md"
@@ -112,6 +116,70 @@ async def test_only_the_worker_running_an_attempt_can_give_it_up(tmp_path: Path)
         )
         samples = svc.service.metrics.registry.get_sample_value
         assert not samples("enginedge_redispatches_total", {"reason": "abandoned"})
+
+
+async def test_plain_function_handlers_run_up_to_capacity_at_once(tmp_path: Path) -> None:
+    """More at once than the event loop's default executor has threads (at most 32)."""
+    capacity = 40
+    meeting = threading.Barrier(capacity, timeout=20)
+    app = WorkerApp("testing", capacity=capacity)
+
+    @app.task("test.meet")
+    def meet(task: Task) -> dict[str, Any]:
+        return {"arrived": meeting.wait()}  # returns only when all of them are running
+
+    settings = fast_settings(tmp_path, builtin_workers="none")
+    async with run_service(settings, [app]) as svc:
+        ids = [(await svc.submit("test.meet", {})).json()["requestId"] for _ in range(capacity)]
+        finals = [await svc.wait_terminal(rid, timeout=40) for rid in ids]
+        assert {f["status"] for f in finals} == {"COMPLETED"}, finals[0]
+        assert sorted(f["result"]["arrived"] for f in finals) == list(range(capacity))
+
+
+STUCK_WORKER = """
+import asyncio, time, uuid
+from datetime import UTC, datetime, timedelta
+from enginedge.adapters.bus.inprocess import InProcessBus
+from enginedge.application.ports import BusMessage
+from enginedge.domain.messages import DispatchMessage, requests_topic
+from enginedge.worker import Task, WorkerApp, WorkerRuntime
+
+app = WorkerApp("stuck", capacity=1)
+
+@app.task("stuck.sleep")
+def stuck(task):
+    time.sleep(120)  # deaf to cancellation, as a hung library call is
+    return {}
+
+async def main():
+    bus = InProcessBus()
+    runtime = WorkerRuntime(app, bus, drain_timeout=0.2)
+    await runtime.start()
+    deadline = datetime.now(UTC) + timedelta(minutes=5)
+    dispatch = DispatchMessage(uuid.uuid4(), 1, "stuck.sleep", {}, {}, deadline)
+    topic = requests_topic("stuck")
+    await bus.publish([BusMessage(topic, str(dispatch.request_id), dispatch.to_json())])
+    while runtime.active == 0:
+        await asyncio.sleep(0.01)
+    await runtime.stop(drain=True)
+    print("stopped", flush=True)
+
+asyncio.run(main())
+"""
+
+
+def test_a_handler_stuck_in_a_thread_does_not_keep_the_worker_process_alive() -> None:
+    """The drain gives up on it, and then the process exits (before: it waited for the
+    thread, two minutes here, forever for a call that never returns)."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", STUCK_WORKER], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        out, err = process.communicate(timeout=30)
+        assert process.returncode == 0, err.decode()
+        assert out.decode().strip() == "stopped"
+    finally:
+        stop_process(process, signal.SIGKILL)
 
 
 async def test_a_worker_whose_health_check_fails_gets_no_work(tmp_path: Path) -> None:

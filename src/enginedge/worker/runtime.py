@@ -34,6 +34,7 @@ from enginedge.domain.messages import (
     worker_group,
 )
 from enginedge.worker.app import JSON, Task, TaskFailed, WorkerApp
+from enginedge.worker.threads import run_in_daemon_thread
 
 log = logging.getLogger(__name__)
 # How long a task runs before the worker says it started (see WorkerRuntime._handle).
@@ -358,7 +359,11 @@ class WorkerRuntime:
                 f"worker type {self.app.type} cannot handle task type {task.task_type}"
             )
         remaining = max((task.deadline - self._clock()).total_seconds(), 0.001)
-        call = asyncio.to_thread(spec.handler, task) if spec.blocking else spec.handler(task)
+        call = (
+            run_in_daemon_thread(spec.handler, task, f"{self.app.type}-{task.request_id}")
+            if spec.blocking
+            else spec.handler(task)
+        )
         async with asyncio.timeout(remaining):
             result = await call  # type: ignore[misc]
         if not isinstance(result, dict):
