@@ -115,7 +115,9 @@ class Service:
         """Stop workers (draining them), let the consumer finish and commit its batch,
         publish what the outbox holds, then close."""
         for runtime in self.workers:
-            await runtime.stop(drain=True)
+            # Over the in-process bus, the restart gives what is left a new attempt
+            # (recover_in_flight); giving it back now as well would cost it a second one.
+            await runtime.stop(drain=True, give_back=self.ctx.bus.durable)
         self._stopping.set()
         if self._consumer is not None:
             try:

@@ -84,6 +84,75 @@ async def test_a_stuck_handler_is_detected_and_its_request_runs_elsewhere(
         assert not samples("enginedge_redispatches_total", {"reason": "result_lost"})
 
 
+async def test_a_stalled_worker_keeps_running_what_still_makes_progress(tmp_path: Path) -> None:
+    """It gives up the stalled attempt, not the others: while its heartbeats come and list
+    them, it is not a lost worker, and a request streaming along is not run a second time."""
+    probe = Probe()
+    settings = fast_settings(tmp_path, builtin_workers="none")
+    stalling = worker_for_tests(probe, capacity=2, stall_timeout=1.5)
+    async with run_service(settings, [stalling]) as svc:
+        (first,) = svc.service.workers
+        stuck = (await svc.submit("test.hang_first", {})).json()["requestId"]
+        busy = (await svc.submit("test.stream", {"chunks": 300})).json()["requestId"]
+        for rid in (stuck, busy):
+            await svc.wait_for(rid, lambda b: b["status"] == "PROCESSING")
+        # Only now a second worker, so that both requests started on the first one.
+        second = WorkerRuntime(
+            worker_for_tests(probe, capacity=2), svc.service.ctx.bus, heartbeat_interval=0.2
+        )
+        await second.start()
+        try:
+            streamed = await svc.wait_terminal(busy, timeout=30)
+            retried = await svc.wait_terminal(stuck, timeout=30)
+        finally:
+            await second.stop()
+        assert (streamed["status"], streamed["attempts"], streamed["workerId"]) == (
+            "COMPLETED",
+            1,
+            first.id,
+        )
+        assert (retried["status"], retried["attempts"], retried["workerId"]) == (
+            "COMPLETED",
+            2,
+            second.id,
+        )
+        samples = svc.service.metrics.registry.get_sample_value
+        assert samples("enginedge_redispatches_total", {"reason": "abandoned"}) == 1
+        assert not samples("enginedge_redispatches_total", {"reason": "worker_lost"})
+
+
+async def test_a_stopping_worker_gives_back_what_its_drain_did_not_finish(
+    tmp_path: Path,
+) -> None:
+    probe = Probe()
+    settings = fast_settings(tmp_path, builtin_workers="none")
+    async with run_service(settings) as svc:
+        bus = svc.service.ctx.bus
+        leaving = WorkerRuntime(
+            worker_for_tests(probe), bus, heartbeat_interval=0.2, drain_timeout=0.3
+        )
+        await leaving.start()
+        await wait_healthy(svc.url, svc.client, leaving.id)
+        rid = (await svc.submit("test.hang_first", {})).json()["requestId"]
+        await svc.wait_for(rid, lambda b: b["status"] == "PROCESSING")
+        staying = WorkerRuntime(worker_for_tests(probe), bus, heartbeat_interval=0.2)
+        await staying.start()
+        try:
+            await leaving.stop()
+            final = await svc.wait_terminal(rid)
+        finally:
+            await staying.stop()
+        assert (final["status"], final["attempts"], final["workerId"]) == (
+            "COMPLETED",
+            2,
+            staying.id,
+        )
+        # Given back by its last heartbeat, not found lost a heartbeat TTL later.
+        samples = svc.service.metrics.registry.get_sample_value
+        assert samples("enginedge_redispatches_total", {"reason": "abandoned"}) == 1
+        assert not samples("enginedge_redispatches_total", {"reason": "worker_lost"})
+
+
 async def test_only_the_worker_running_an_attempt_can_give_it_up(tmp_path: Path) -> None:
     """A heartbeat's ``abandoned`` list moves nothing that its sender is not running: not
     another worker's request, not another attempt."""

@@ -162,11 +162,15 @@ async def _time_out(ctx: Context, now: datetime, report: SweepReport) -> None:
 async def _lost_workers(
     ctx: Context, workers: list[Worker], now: datetime, report: SweepReport
 ) -> set[str]:
-    """Workers whose heartbeats stopped or who said they are unhealthy; mark them."""
+    """Workers whose heartbeats stopped or whose health check fails; mark them.
+
+    Not one that says itself it is unhealthy (a stalled handler, a cool-down) while its
+    heartbeats still come: it gets no new work, but what it lists it is still running, and
+    what it no longer lists is taken back as unheld, or at once if it says it gave it up.
+    """
     lost: set[str] = set()
     for worker in workers:
-        status = worker.effective_status(now, ctx.policy.heartbeat_ttl)
-        if status is not WorkerStatus.UNHEALTHY:
+        if worker.reports_itself(now, ctx.policy.heartbeat_ttl):
             continue
         lost.add(worker.id)
         if worker.status is not WorkerStatus.UNHEALTHY:

@@ -187,9 +187,14 @@ class Worker:
     def effective_status(self, now: datetime, heartbeat_ttl: timedelta) -> WorkerStatus:
         """The status to route by: a worker whose heartbeats stopped, or whose health check
         fails, is unhealthy."""
-        if now - self.last_heartbeat > heartbeat_ttl or self.check_error is not None:
+        if not self.reports_itself(now, heartbeat_ttl):
             return WorkerStatus.UNHEALTHY
         return self.status
+
+    def reports_itself(self, now: datetime, heartbeat_ttl: timedelta) -> bool:
+        """Its heartbeats arrive and its health check passes: what it says about its own
+        status and the requests it holds can be believed."""
+        return now - self.last_heartbeat <= heartbeat_ttl and self.check_error is None
 
     @property
     def load(self) -> float:

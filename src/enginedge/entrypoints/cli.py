@@ -135,7 +135,8 @@ def serve(
 
 @app.command(
     help="Run a built-in worker as its own process against Kafka (KAFKA_BROKERS). "
-    "SIGTERM drains it: running tasks finish, then it exits 0."
+    "SIGTERM drains it: running tasks finish (up to 30 s; what does not is handed back "
+    "to the orchestrator, to run elsewhere), then it exits 0."
 )
 def worker(
     worker_type: Annotated[str, typer.Option("--type", help="data-processing or llm")],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -175,18 +176,22 @@ class WorkerRuntime:
         now = time.monotonic()
         stall = self.app.stall_timeout
         stalled = [r for r in self._running.values() if now - r.last_progress > stall]
-        for running in stalled:
-            running.cancelled = True
-            running.job.cancel()
         if stalled:
             self._unhealthy(
                 f"request {stalled[0].task.request_id} made no progress for {stall:g}s", now
             )
             for running in stalled:
-                task = running.task
-                self._abandoned[str(task.request_id)] = (task.attempt, self._unhealthy_until)
+                self._abandon(running, self._unhealthy_until)
         elif now - self._last_poll > max(stall, 30 * self.poll_timeout):
             self._unhealthy("the consumer stopped polling", now)
+
+    def _abandon(self, running: _Running, until: float) -> None:
+        """Cancel an attempt without a word of its outcome, and name it in the heartbeats
+        until ``until`` so that the orchestrator gives it to another worker at once."""
+        running.cancelled = True
+        running.job.cancel()
+        task = running.task
+        self._abandoned[str(task.request_id)] = (task.attempt, until)
 
     def _unhealthy(self, reason: str, now: float) -> None:
         if self.status != "UNHEALTHY":
@@ -489,10 +494,10 @@ class WorkerRuntime:
             ]
         )
 
-    async def stop(self, drain: bool = True) -> None:
+    async def stop(self, drain: bool = True, give_back: bool = True) -> None:
         """Stop taking work; with ``drain``, let running handlers finish (up to the drain
-        timeout), then tell the orchestrator this worker is gone so anything left is
-        dispatched again."""
+        timeout), then tell the orchestrator this worker is gone, and with ``give_back``
+        which attempts it gave up, so that they are dispatched again at once."""
         self._stopping.set()
         self._status = "DRAINING"
         consume = self._tasks[0] if self._tasks else None
@@ -503,6 +508,9 @@ class WorkerRuntime:
                 await self.heartbeat()
             jobs = [r.job for r in self._running.values()]
             await asyncio.wait(jobs, timeout=self.drain_timeout)
+        if give_back:  # named in the last heartbeat
+            for running in list(self._running.values()):
+                self._abandon(running, math.inf)
         await self._cancel_all()
         self._status = "UNHEALTHY"
         with contextlib.suppress(Exception):
