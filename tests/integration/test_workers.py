@@ -78,10 +78,7 @@ async def test_a_stuck_handler_is_detected_and_its_request_runs_elsewhere(
         assert rid in probe.cancelled  # the stuck handler was abandoned
         assert probe.completed == [rid]  # the retry ran once
         # Taken back at the worker's word, not found later as lost or unheld.
-        samples = svc.service.metrics.registry.get_sample_value
-        assert samples("enginedge_redispatches_total", {"reason": "abandoned"}) == 1
-        assert not samples("enginedge_redispatches_total", {"reason": "worker_lost"})
-        assert not samples("enginedge_redispatches_total", {"reason": "result_lost"})
+        assert redispatches(svc) == {"abandoned": 1}
 
 
 async def test_a_stalled_worker_keeps_running_what_still_makes_progress(tmp_path: Path) -> None:
@@ -106,19 +103,9 @@ async def test_a_stalled_worker_keeps_running_what_still_makes_progress(tmp_path
             retried = await svc.wait_terminal(stuck, timeout=30)
         finally:
             await second.stop()
-        assert (streamed["status"], streamed["attempts"], streamed["workerId"]) == (
-            "COMPLETED",
-            1,
-            first.id,
-        )
-        assert (retried["status"], retried["attempts"], retried["workerId"]) == (
-            "COMPLETED",
-            2,
-            second.id,
-        )
-        samples = svc.service.metrics.registry.get_sample_value
-        assert samples("enginedge_redispatches_total", {"reason": "abandoned"}) == 1
-        assert not samples("enginedge_redispatches_total", {"reason": "worker_lost"})
+        assert outcome(streamed) == ("COMPLETED", 1, first.id)
+        assert outcome(retried) == ("COMPLETED", 2, second.id)
+        assert redispatches(svc) == {"abandoned": 1}
 
 
 async def test_a_stopping_worker_gives_back_what_its_drain_did_not_finish(
@@ -142,15 +129,9 @@ async def test_a_stopping_worker_gives_back_what_its_drain_did_not_finish(
             final = await svc.wait_terminal(rid)
         finally:
             await staying.stop()
-        assert (final["status"], final["attempts"], final["workerId"]) == (
-            "COMPLETED",
-            2,
-            staying.id,
-        )
+        assert outcome(final) == ("COMPLETED", 2, staying.id)
         # Given back by its last heartbeat, not found lost a heartbeat TTL later.
-        samples = svc.service.metrics.registry.get_sample_value
-        assert samples("enginedge_redispatches_total", {"reason": "abandoned"}) == 1
-        assert not samples("enginedge_redispatches_total", {"reason": "worker_lost"})
+        assert redispatches(svc) == {"abandoned": 1}
 
 
 async def test_only_the_worker_running_an_attempt_can_give_it_up(tmp_path: Path) -> None:
@@ -178,13 +159,8 @@ async def test_only_the_worker_running_an_attempt_can_give_it_up(tmp_path: Path)
                 [BusMessage(HEARTBEATS_TOPIC, sender, beat.to_json())]
             )
         final = await svc.wait_terminal(rid)
-        assert (final["status"], final["attempts"], final["workerId"]) == (
-            "COMPLETED",
-            1,
-            runtime.id,
-        )
-        samples = svc.service.metrics.registry.get_sample_value
-        assert not samples("enginedge_redispatches_total", {"reason": "abandoned"})
+        assert outcome(final) == ("COMPLETED", 1, runtime.id)
+        assert redispatches(svc) == {}
 
 
 async def test_plain_function_handlers_run_up_to_capacity_at_once(tmp_path: Path) -> None:
@@ -249,6 +225,19 @@ def test_a_handler_stuck_in_a_thread_does_not_keep_the_worker_process_alive() ->
         assert out.decode().strip() == "stopped"
     finally:
         stop_process(process, signal.SIGKILL)
+
+
+def outcome(final: dict[str, Any]) -> tuple[str, int, str]:
+    """How a request ended: status, attempts, and the worker of the last one."""
+    return final["status"], final["attempts"], final["workerId"]
+
+
+def redispatches(svc: Running) -> dict[str, float]:
+    """Attempts dispatched again so far, by reason (those that happened)."""
+    value = svc.service.metrics.registry.get_sample_value
+    reasons = ("worker_lost", "result_lost", "abandoned", "unclaimed", "restart")
+    counts = {r: value("enginedge_redispatches_total", {"reason": r}) for r in reasons}
+    return {r: n for r, n in counts.items() if n}
 
 
 async def test_a_worker_whose_health_check_fails_gets_no_work(tmp_path: Path) -> None:
