@@ -34,7 +34,7 @@ from tests.faults.support import (
     wait_processing,
     worker_endpoint,
 )
-from tests.support.harness import wait_healthy
+from tests.support.harness import wait_worker
 from tests.support.servers import (
     Restartable,
     free_port,
@@ -193,7 +193,7 @@ async def test_worker_partitioned_then_healed(
             break
         await asyncio.sleep(0.5)
     kill(c.workers[0])  # the host worker goes: only the healed one is left
-    await wait_healthy(url, http, victim_id, headers=H)
+    await wait_worker(url, http, victim_id, headers=H)
     after = Load(url, http)
     await after.submit_many(fast=20, start=7000)
     await wait_all_terminal(c.database_url, after, timeout=150)

@@ -29,7 +29,7 @@ from tests.faults.support import (
     wait_processing,
     worker_endpoint,
 )
-from tests.support.harness import wait_healthy
+from tests.support.harness import wait_worker
 
 
 async def _terminal(url: str, http: httpx.AsyncClient, rids: list[str], timeout: float) -> float:
@@ -127,7 +127,7 @@ async def test_worker_frozen_then_resumed_late(
         await asyncio.sleep(0.5)
     # ... and keeps consuming: with the other worker gone, it runs all new work.
     kill(other)
-    await wait_healthy(url, http, victim_id, headers=H)
+    await wait_worker(url, http, victim_id, headers=H)
     after = Load(url, http)
     await after.submit_many(fast=20, start=5000)
     await wait_all_terminal(c.database_url, after, timeout=120)

@@ -489,15 +489,6 @@ class _LosingSubscription:
         await self.inner.close()
 
 
-def _unclaimed_republished(svc: Running) -> float:
-    return (
-        svc.service.metrics.registry.get_sample_value(
-            "enginedge_redispatches_total", {"reason": "unclaimed"}
-        )
-        or 0.0
-    )
-
-
 async def test_a_lost_dispatch_is_sent_again_once_its_workers_are_idle(
     database_url: str, tmp_path: Path, probe: Probe
 ) -> None:
@@ -513,7 +504,7 @@ async def test_a_lost_dispatch_is_sent_again_once_its_workers_are_idle(
         assert final["status"] == "COMPLETED"
         assert final["attempts"] == 1  # the same attempt, sent again: none used up
         assert probe.completed == [rid]
-        assert _unclaimed_republished(svc) >= 1
+        assert svc.redispatches().get("unclaimed", 0) >= 1
 
 
 async def test_a_queued_dispatch_is_not_sent_again_while_its_worker_is_busy(
@@ -528,7 +519,7 @@ async def test_a_queued_dispatch_is_not_sent_again_while_its_worker_is_busy(
         # in the bus, and sending it again would only queue a duplicate.
         await asyncio.sleep(2.5)
         assert (await svc.get(queued))["status"] == "DISPATCHED"
-        assert _unclaimed_republished(svc) == 0
+        assert svc.redispatches().get("unclaimed", 0) == 0
         probe.release.set()
         assert (await svc.wait_terminal(queued))["status"] == "COMPLETED"
         assert probe.started.count(queued) == 1

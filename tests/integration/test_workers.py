@@ -23,7 +23,7 @@ from enginedge.worker import Task, WorkerApp, WorkerRuntime
 from enginedge.worker.health import serving_health
 from tests.integration.test_api import H, read_events
 from tests.support.fake_llm import FakeLlm, fake_llm_server
-from tests.support.harness import Running, fast_settings, run_service, wait_healthy
+from tests.support.harness import fast_settings, run_service, wait_worker
 from tests.support.servers import free_port, stop_process
 from tests.support.workers import Probe, worker_for_tests
 
@@ -67,7 +67,7 @@ async def test_a_stuck_handler_is_detected_and_its_request_runs_elsewhere(
     apps = [worker_for_tests(probe, capacity=1, stall_timeout=stall) for _ in range(2)]
     async with run_service(settings, apps) as svc:
         for runtime in svc.service.workers:
-            await wait_healthy(svc.url, svc.client, runtime.id)
+            await wait_worker(svc.url, svc.client, runtime.id)
         rid = (await svc.submit("test.hang_first", {})).json()["requestId"]
         first = await svc.wait_for(rid, lambda b: b["status"] == "PROCESSING", timeout=30)
         final = await svc.wait_terminal(rid, timeout=40)
@@ -78,7 +78,7 @@ async def test_a_stuck_handler_is_detected_and_its_request_runs_elsewhere(
         assert rid in probe.cancelled  # the stuck handler was abandoned
         assert probe.completed == [rid]  # the retry ran once
         # Taken back at the worker's word, not found later as lost or unheld.
-        assert redispatches(svc) == {"abandoned": 1}
+        assert svc.redispatches() == {"abandoned": 1}
 
 
 async def test_a_stalled_worker_keeps_running_what_still_makes_progress(tmp_path: Path) -> None:
@@ -105,7 +105,7 @@ async def test_a_stalled_worker_keeps_running_what_still_makes_progress(tmp_path
             await second.stop()
         assert outcome(streamed) == ("COMPLETED", 1, first.id)
         assert outcome(retried) == ("COMPLETED", 2, second.id)
-        assert redispatches(svc) == {"abandoned": 1}
+        assert svc.redispatches() == {"abandoned": 1}
 
 
 async def test_a_stopping_worker_gives_back_what_its_drain_did_not_finish(
@@ -119,7 +119,7 @@ async def test_a_stopping_worker_gives_back_what_its_drain_did_not_finish(
             worker_for_tests(probe), bus, heartbeat_interval=0.2, drain_timeout=0.3
         )
         await leaving.start()
-        await wait_healthy(svc.url, svc.client, leaving.id)
+        await wait_worker(svc.url, svc.client, leaving.id)
         rid = (await svc.submit("test.hang_first", {})).json()["requestId"]
         await svc.wait_for(rid, lambda b: b["status"] == "PROCESSING")
         staying = WorkerRuntime(worker_for_tests(probe), bus, heartbeat_interval=0.2)
@@ -131,7 +131,7 @@ async def test_a_stopping_worker_gives_back_what_its_drain_did_not_finish(
             await staying.stop()
         assert outcome(final) == ("COMPLETED", 2, staying.id)
         # Given back by its last heartbeat, not found lost a heartbeat TTL later.
-        assert redispatches(svc) == {"abandoned": 1}
+        assert svc.redispatches() == {"abandoned": 1}
 
 
 async def test_only_the_worker_running_an_attempt_can_give_it_up(tmp_path: Path) -> None:
@@ -160,7 +160,7 @@ async def test_only_the_worker_running_an_attempt_can_give_it_up(tmp_path: Path)
             )
         final = await svc.wait_terminal(rid)
         assert outcome(final) == ("COMPLETED", 1, runtime.id)
-        assert redispatches(svc) == {}
+        assert svc.redispatches() == {}
 
 
 async def test_plain_function_handlers_run_up_to_capacity_at_once(tmp_path: Path) -> None:
@@ -232,14 +232,6 @@ def outcome(final: dict[str, Any]) -> tuple[str, int, str]:
     return final["status"], final["attempts"], final["workerId"]
 
 
-def redispatches(svc: Running) -> dict[str, float]:
-    """Attempts dispatched again so far, by reason (those that happened)."""
-    value = svc.service.metrics.registry.get_sample_value
-    reasons = ("worker_lost", "result_lost", "abandoned", "unclaimed", "restart")
-    counts = {r: value("enginedge_redispatches_total", {"reason": r}) for r in reasons}
-    return {r: n for r, n in counts.items() if n}
-
-
 async def test_a_worker_whose_health_check_fails_gets_no_work(tmp_path: Path) -> None:
     settings = fast_settings(
         tmp_path, builtin_workers="none", health_check_interval=0.2, worker_health_check_timeout=0.5
@@ -255,7 +247,7 @@ async def test_a_worker_whose_health_check_fails_gets_no_work(tmp_path: Path) ->
         await runtime.start()
         try:
             # Nothing answers on its endpoint: excluded although its heartbeats arrive.
-            await _until(svc, "UNHEALTHY", runtime.id)
+            await wait_worker(svc.url, svc.client, runtime.id, "UNHEALTHY", timeout=5)
             refused = await svc.submit("test.echo", {})
             assert refused.status_code == 503
             assert refused.json()["error"]["code"] == "NO_ELIGIBLE_WORKERS"
@@ -263,22 +255,13 @@ async def test_a_worker_whose_health_check_fails_gets_no_work(tmp_path: Path) ->
             assert "health check failed" in worker["statusReason"]
             assert worker["lastHealthCheck"] is not None
             async with serving_health(runtime, "127.0.0.1", port):
-                await _until(svc, "HEALTHY", runtime.id)
+                await wait_worker(svc.url, svc.client, runtime.id, timeout=5)
                 accepted = await svc.submit("test.echo", {})
                 assert accepted.status_code == 202
                 done = await svc.wait_terminal(accepted.json()["requestId"])
                 assert done["workerId"] == runtime.id
         finally:
             await runtime.stop()
-
-
-async def _until(svc: Running, status: str, worker_id: str) -> None:
-    for _ in range(100):
-        worker = (await svc.client.get(f"/api/workers/{worker_id}", headers=H)).json()
-        if worker["status"] == status:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"worker never became {status}: {worker}")
 
 
 async def test_draining_a_worker_finishes_its_work(tmp_path: Path) -> None:

@@ -25,6 +25,8 @@ from tests.support.servers import free_port
 API_KEY = "test-key-0123456789"
 OTHER_KEY = "other-key-0123456789"
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}
+# The reasons of enginedge_redispatches_total.
+REDISPATCH = ("worker_lost", "result_lost", "abandoned", "unclaimed", "restart")
 
 
 def fast_settings(data_dir: Path, database_url: str | None = None, **overrides: Any) -> Settings:
@@ -95,6 +97,12 @@ class Running:
                 raise AssertionError(f"request never matched; last seen: {body}")
             await asyncio.sleep(0.02)
 
+    def redispatches(self) -> dict[str, float]:
+        """Attempts dispatched again so far, by reason (only the reasons that happened)."""
+        value = self.service.metrics.registry.get_sample_value
+        counts = {r: value("enginedge_redispatches_total", {"reason": r}) for r in REDISPATCH}
+        return {r: n for r, n in counts.items() if n}
+
     async def wait_terminal(self, request_id: str, timeout: float = 15.0) -> dict[str, Any]:
         return await self.wait_for(request_id, lambda b: b["status"] in TERMINAL, timeout)
 
@@ -121,16 +129,18 @@ def unique(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex[:10]}"
 
 
-async def wait_healthy(
+async def wait_worker(
     url: str,
     http: httpx.AsyncClient,
     worker_id: str,
+    status: str = "HEALTHY",
+    *,
     timeout: float = 60,
     headers: dict[str, str] | None = None,
 ) -> None:
-    """Until the registry shows ``worker_id`` HEALTHY: a worker back from a fault rejoins
-    its groups and passes a health check first, and until then new work is refused.
-    ``headers`` authenticate (default: this harness's API key)."""
+    """Until the registry shows ``worker_id`` with ``status``: a worker back from a fault,
+    say, rejoins its groups and passes a health check before it is HEALTHY, and until then
+    new work is refused. ``headers`` authenticate (default: this harness's API key)."""
     deadline = time.monotonic() + timeout
     body: dict[str, Any] = {}
     while time.monotonic() < deadline:
@@ -139,10 +149,10 @@ async def wait_healthy(
         )
         assert answer.status_code != 401, answer.text  # the wrong key: no use waiting
         body = answer.json()
-        if body.get("status") == "HEALTHY":
+        if body.get("status") == status:
             return
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"worker {worker_id} not HEALTHY within {timeout:g}s: {body}")
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"worker {worker_id} not {status} within {timeout:g}s: {body}")
 
 
 async def until(what: str, check: Callable[[], Awaitable[Any]], timeout: float = 20.0) -> None:
