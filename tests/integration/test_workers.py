@@ -9,16 +9,23 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from enginedge.adapters.bus.inprocess import InProcessBus
 from enginedge.application.ports import BusMessage
-from enginedge.domain.messages import HEARTBEATS_TOPIC, HeartbeatMessage
+from enginedge.domain.messages import (
+    HEARTBEATS_TOPIC,
+    DispatchMessage,
+    HeartbeatMessage,
+    requests_topic,
+)
 from enginedge.worker import Task, WorkerApp, WorkerRuntime
 from enginedge.worker.health import serving_health
 from tests.integration.test_api import H, read_events
@@ -79,6 +86,41 @@ async def test_a_stuck_handler_is_detected_and_its_request_runs_elsewhere(
         assert probe.completed == [rid]  # the retry ran once
         # Taken back at the worker's word, not found later as lost or unheld.
         assert svc.redispatches() == {"abandoned": 1}
+
+
+class _SlowToRebalance(InProcessBus):
+    """A bus whose groups take longer to hand a leaving member's partitions over than
+    the workers' stall timeout (as Kafka's do with a short TASK_STALL_TIMEOUT)."""
+
+    rebalance_seconds = 2.0
+
+
+async def test_a_stalled_worker_sits_out_at_least_its_bus_rebalance() -> None:
+    """A stalled worker leaves its group for the cool-down: if it joined again before the
+    rebalance that removes it ended, it would be part of it, get its partitions back, and
+    with them the retry of the attempt it abandoned (same key, same partition)."""
+    bus = _SlowToRebalance()
+    probe = Probe()
+    app = worker_for_tests(probe, capacity=1, stall_timeout=0.3)
+    runtime = WorkerRuntime(app, bus, heartbeat_interval=0.1, poll_timeout=0.05)
+    await runtime.start()
+    try:
+        rid = uuid.uuid4()
+        dispatch = DispatchMessage(
+            rid, 1, "test.hang_first", {}, {}, datetime.now(UTC) + timedelta(minutes=1)
+        )
+        await bus.publish([BusMessage(requests_topic(app.type), str(rid), dispatch.to_json(), {})])
+        async with asyncio.timeout(10):
+            while runtime.status != "UNHEALTHY":
+                await asyncio.sleep(0.02)
+        stalled = time.monotonic()
+        assert probe.cancelled == [str(rid)]
+        async with asyncio.timeout(10):
+            while runtime.status == "UNHEALTHY":
+                await asyncio.sleep(0.02)
+        assert time.monotonic() - stalled >= bus.rebalance_seconds > app.stall_timeout
+    finally:
+        await runtime.stop(drain=False)
 
 
 async def test_a_stalled_worker_keeps_running_what_still_makes_progress(tmp_path: Path) -> None:

@@ -190,6 +190,13 @@ class MessageBus(Protocol):
         """Whether published messages outlive this process (Kafka yes, in-process no)."""
         ...
 
+    @property
+    def rebalance_seconds(self) -> float:
+        """How long after a member leaves a group its partitions may take to go to the
+        others (0 in-process). A member that joins again sooner may take part in that very
+        rebalance and get its partitions back."""
+        ...
+
     async def publish(self, messages: Sequence[BusMessage]) -> None:
         """Return once the bus holds every message; raise if it cannot take them."""
         ...

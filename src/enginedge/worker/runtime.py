@@ -40,6 +40,9 @@ from enginedge.worker.threads import run_in_daemon_thread
 log = logging.getLogger(__name__)
 # How long a task runs before the worker says it started (see WorkerRuntime._handle).
 START_REPORT_DELAY = 0.02
+# Seconds a stalled worker sits out beyond its bus's rebalance: it leaves its group only on
+# the consume loop's next turn (a poll timeout, or a slow LeaveGroup), not at the stall.
+REBALANCE_MARGIN = 1.0
 
 
 def _now() -> datetime:
@@ -197,9 +200,16 @@ class WorkerRuntime:
         if self.status != "UNHEALTHY":
             log.warning("worker unhealthy", extra={"workerId": self.id, "reason": reason})
         self.reason = reason
-        # Out of rotation long enough for the orchestrator to hear it (two heartbeats) and
-        # for the abandoned work to go to another worker (a stall timeout's cool-down).
-        self._unhealthy_until = now + max(2.5 * self.heartbeat_interval, self.app.stall_timeout)
+        # Out of rotation long enough for the orchestrator to hear it (two heartbeats), for
+        # the abandoned work to go to another worker (a stall timeout's cool-down), and for
+        # the rebalance that hands this worker's partitions to the others to end: a worker
+        # that joins its group again sooner is part of that rebalance, gets its partitions
+        # back, and with them the retry of what it abandoned (same key, same partition).
+        self._unhealthy_until = now + max(
+            2.5 * self.heartbeat_interval,
+            self.app.stall_timeout,
+            self.bus.rebalance_seconds + REBALANCE_MARGIN,
+        )
 
     async def _beat(self) -> None:
         while True:

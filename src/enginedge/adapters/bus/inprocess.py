@@ -56,6 +56,8 @@ class InProcessBus:
     """A :class:`~enginedge.application.ports.MessageBus` in memory."""
 
     durable = False
+    # The members of a group share one queue: one that leaves has nothing to hand over.
+    rebalance_seconds = 0.0
 
     def __init__(self) -> None:
         self._groups: dict[str, _Group] = {}

@@ -64,6 +64,14 @@ def _headers(message: BusMessage) -> list[tuple[str, bytes]]:
 
 
 CLOSE_TIMEOUT_SECONDS = 5.0
+# Group membership timings of every consumer (aiokafka's defaults, named here because
+# KafkaBus.rebalance_seconds is derived from them): a member that stops heart-beating is
+# dropped after the session timeout; the others hear of a rebalance in the answer to their
+# next heartbeat; the coordinator waits at most the rebalance timeout for them to join again
+# (aiokafka's default: the session timeout).
+SESSION_TIMEOUT_MS = 10_000
+HEARTBEAT_INTERVAL_MS = 3_000
+REBALANCE_TIMEOUT_MS = SESSION_TIMEOUT_MS
 # Fetch wait of subscriptions that are not urgent: each idle consumer's polls cost the
 # broker and the process CPU (about a sixth of a core for four consumers on tansu at 10 ms).
 RELAXED_FETCH_MAX_WAIT_MS = 250
@@ -95,6 +103,9 @@ class KafkaSubscription:
                 # Workers pause their partitions while full but keep polling, so a long task
                 # never looks like a dead consumer.
                 max_poll_interval_ms=300_000,
+                session_timeout_ms=SESSION_TIMEOUT_MS,
+                heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS,
+                rebalance_timeout_ms=REBALANCE_TIMEOUT_MS,
                 **self._bus.settings.common(),
             )
             try:
@@ -207,6 +218,15 @@ class KafkaBus:
     """A :class:`~enginedge.application.ports.MessageBus` on Kafka."""
 
     durable = True
+    # A member that leaves (LeaveGroup, see KafkaSubscription.close) starts a rebalance at
+    # once, but the others hear of it only in the answer to their next heartbeat (up to one
+    # heartbeat interval later), and the coordinator then waits for them to join again, at
+    # most the rebalance timeout (tansu closes its join window after about 5 s; Kafka as soon
+    # as every member is back). Whoever joins before that window closes is part of the new
+    # generation: the bound is the sum. (A member that vanishes without LeaveGroup
+    # keeps its partitions for a session timeout first; not counted: the worker sits out by
+    # leaving.)
+    rebalance_seconds = (HEARTBEAT_INTERVAL_MS + REBALANCE_TIMEOUT_MS) / 1000
 
     def __init__(self, settings: KafkaSettings) -> None:
         self.settings = settings

@@ -129,6 +129,10 @@ class TracedBus:
     def durable(self) -> bool:
         return bool(self._bus.durable)
 
+    @property
+    def rebalance_seconds(self) -> float:
+        return float(self._bus.rebalance_seconds)
+
     async def publish(self, messages: Sequence[BusMessage]) -> None:
         with ExitStack() as stack:
             traced = []
