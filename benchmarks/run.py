@@ -82,6 +82,20 @@ def median_of(runs: list[Any]) -> dict[str, Any]:
             1000 * r["orchestrator_cpu_seconds"] / r["completed"] for r in runs
         ),
         "orchestrator_peak_rss_mb": statistics.median(r["orchestrator_peak_rss_mb"] for r in runs),
+        # Everything on the machine (client, worker, servers) per round trip, and the
+        # throughput its cores would carry at that cost.
+        "machine_cpu_ms_per_request": statistics.median(
+            1000 * r["machine_cpu_seconds"] / r["completed"] for r in runs
+        ),
+        "cpu_bound_throughput": statistics.median(
+            r["machine_cores"] * r["completed"] / r["machine_cpu_seconds"] for r in runs
+        ),
+        "cpu_ms_per_request_by_process": {
+            name: statistics.median(
+                1000 * r["cpu_seconds_by_process"].get(name, 0.0) / r["completed"] for r in runs
+            )
+            for name in {name for r in runs for name in r["cpu_seconds_by_process"]}
+        },
         "errors": sum(r["errors"] for r in runs),
     }
 
@@ -89,14 +103,15 @@ def median_of(runs: list[Any]) -> dict[str, Any]:
 def table(medians: dict[str, dict[str, Any]]) -> str:
     lines = [
         "| scenario | round trips/s | p50 ms | p95 ms | p99 ms | max ms | CPU ms/request "
-        "| peak RSS MB | errors |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| peak RSS MB | machine CPU ms/request | all cores would carry /s | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in medians.items():
         lines.append(
             f"| {name} | {m['throughput']:.0f} | {m['latency_p50_ms']:.1f} "
             f"| {m['latency_p95_ms']:.1f} | {m['latency_p99_ms']:.1f} | {m['latency_max_ms']:.1f} "
             f"| {m['orchestrator_cpu_ms_per_request']:.2f} | {m['orchestrator_peak_rss_mb']:.0f} "
+            f"| {m['machine_cpu_ms_per_request']:.2f} | {m['cpu_bound_throughput']:.0f} "
             f"| {m['errors']} |"
         )
     return "\n".join(lines)

@@ -577,3 +577,5 @@ def test_bench_short_form_in_distributed_mode(cluster: Cluster) -> None:
     assert (report["mode"], report["completed"], report["errors"]) == ("distributed", 40, 0)
     assert report["orchestrator_peak_rss_mb"] > 10
     assert (cluster.tmp / "bench" / "worker.log").exists()
+    # The machine's CPU by process names the worker process the bench started.
+    assert {"orchestrator", "worker", "client"} <= set(report["cpu_seconds_by_process"])

@@ -253,6 +253,11 @@ def test_bench_short_form_reports_every_round_trip(tmp_path: Path) -> None:
     assert report["throughput"] > 0
     assert report["orchestrator_cpu_seconds"] > 0
     assert report["orchestrator_peak_rss_mb"] > 10
+    # The machine's CPU holds the orchestrator's and the client's, each named.
+    by_process = report["cpu_seconds_by_process"]
+    assert by_process["orchestrator"] > 0 and by_process["client"] > 0
+    assert report["machine_cpu_seconds"] >= by_process["orchestrator"] * 0.9
+    assert report["machine_cores"] >= 1
     assert (tmp_path / "logs" / "orchestrator.log").exists()
 
 

@@ -6,7 +6,10 @@ task from a fixed number of concurrent callers, and waits for each request's ter
 by default in the submit itself (``POST /api/orchestrate?wait=``), with ``--flow poll`` by
 long polling ``GET /api/requests/{id}?wait=`` after a 202: the time counted is everything a
 caller would see.
-The orchestrator's CPU seconds and peak RSS are read from its process while it runs.
+The orchestrator's CPU seconds and peak RSS are read from its process while it runs, and
+the CPU time of the whole machine, by process, over the same window: on a machine that holds
+the client, the worker and the servers too, what they all spend per round trip bounds the
+throughput (``cores / CPU seconds per round trip``), whatever the orchestrator does.
 """
 
 from __future__ import annotations
@@ -74,6 +77,11 @@ class BenchReport:
     latency_ms: dict[str, float]
     orchestrator_cpu_seconds: float | None
     orchestrator_peak_rss_mb: float | None
+    # Busy CPU seconds of the whole machine over the measured window, its cores, and the
+    # same seconds by process (client, orchestrator, worker, else the process's name).
+    machine_cpu_seconds: float = 0.0
+    machine_cores: int = 0
+    cpu_seconds_by_process: dict[str, float] = field(default_factory=dict)
     error_samples: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -151,6 +159,55 @@ class _Sampler:
         return round(self.peak_rss / 2**20, 1) if self._process is not None else None
 
 
+def _busy_seconds() -> float:
+    """CPU seconds the machine spent not idle (all cores) since boot."""
+    times = psutil.cpu_times()
+    return float(sum(times) - times.idle - getattr(times, "iowait", 0.0))
+
+
+def _cpu_by_pid() -> dict[int, tuple[str, float]]:
+    """Every process's name and CPU seconds (user and system) so far."""
+    seen: dict[int, tuple[str, float]] = {}
+    for process in psutil.process_iter(["name", "cpu_times"]):
+        times = process.info["cpu_times"]
+        if times is not None:
+            seen[process.pid] = (process.info["name"] or "?", times.user + times.system)
+    return seen
+
+
+class _MachineCpu:
+    """The machine's busy CPU seconds over a window, and by process: what the client, the
+    orchestrator, the worker and every server spent (a process that ended within the
+    window is missed, hence the total as its own figure)."""
+
+    def __init__(self, roles: dict[int, str]) -> None:
+        self._roles = roles
+        self._start: dict[int, tuple[str, float]] = {}
+        self._busy_start = 0.0
+        self.seconds = 0.0
+        self.by_process: dict[str, float] = {}
+
+    def __enter__(self) -> _MachineCpu:
+        self._start = _cpu_by_pid()
+        self._busy_start = _busy_seconds()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = round(_busy_seconds() - self._busy_start, 3)
+        totals: dict[str, float] = {}
+        for pid, (name, cpu) in _cpu_by_pid().items():
+            spent = cpu - self._start.get(pid, (name, 0.0))[1]
+            if spent > 0:
+                role = self._roles.get(pid, name)
+                totals[role] = totals.get(role, 0.0) + spent
+        named = set(self._roles.values())
+        self.by_process = {
+            role: round(spent, 3)
+            for role, spent in sorted(totals.items(), key=lambda item: -item[1])
+            if spent >= 0.01 or role in named  # the long tail of other processes is left out
+        }
+
+
 class _Failed(Exception):
     """One round trip that did not end ``COMPLETED`` with its payload echoed."""
 
@@ -217,6 +274,8 @@ class _Service:
     api_key: str
     pid: int | None
     processes: list[subprocess.Popen[bytes]]
+    # What each process the bench started is, by PID (the orchestrator, the worker).
+    roles: dict[int, str] = field(default_factory=dict)
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
@@ -264,6 +323,7 @@ def _service(config: BenchConfig) -> Iterator[_Service]:
             if config.redis_url:
                 env["REDIS_URL"] = config.redis_url
         processes: list[subprocess.Popen[bytes]] = []
+        roles: dict[int, str] = {os.getpid(): "client"}
 
         def spawn(args: list[str], name: str) -> subprocess.Popen[bytes]:
             with open(logs / f"{name}.log", "ab") as log:
@@ -274,6 +334,7 @@ def _service(config: BenchConfig) -> Iterator[_Service]:
                     stderr=subprocess.STDOUT,
                 )
             processes.append(process)
+            roles[process.pid] = name
             return process
 
         try:
@@ -291,7 +352,7 @@ def _service(config: BenchConfig) -> Iterator[_Service]:
                 )
             url = f"http://127.0.0.1:{port}"
             _wait_ready(url, key, orchestrator, logs / "orchestrator.log")
-            yield _Service(url, key, orchestrator.pid, processes)
+            yield _Service(url, key, orchestrator.pid, processes, roles)
         finally:
             for process in reversed(processes):
                 _stop(process)
@@ -319,10 +380,17 @@ async def _measure(
 ) -> BenchReport:
     if config.warmup:
         await drive(service.url, service.api_key, config.warmup, config.concurrency, config.flow)
-    async with _Sampler(service.pid) as sampler:
-        latencies, errors, seconds = await drive(
-            service.url, service.api_key, config.requests, config.concurrency, config.flow, on_done
-        )
+    roles = service.roles or {os.getpid(): "client"}
+    with _MachineCpu(roles) as machine:
+        async with _Sampler(service.pid) as sampler:
+            latencies, errors, seconds = await drive(
+                service.url,
+                service.api_key,
+                config.requests,
+                config.concurrency,
+                config.flow,
+                on_done,
+            )
     return BenchReport(
         mode=config.mode,
         flow=config.flow,
@@ -335,6 +403,9 @@ async def _measure(
         latency_ms=summarise(latencies),
         orchestrator_cpu_seconds=sampler.cpu_seconds(),
         orchestrator_peak_rss_mb=sampler.peak_rss_mb(),
+        machine_cpu_seconds=machine.seconds,
+        machine_cores=psutil.cpu_count() or 1,
+        cpu_seconds_by_process=machine.by_process,
         error_samples=sorted(set(errors))[:5],
     )
 

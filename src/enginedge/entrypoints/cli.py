@@ -237,6 +237,10 @@ def bench(
         _print_json(report.as_dict())
         return
     table = Table(title=f"enginedge bench: {mode}, {concurrency} in flight, {flow}")
+
+    def per_round_trip(seconds: float) -> str:
+        return f"{1000 * seconds / max(report.completed, 1):.2f} ms per round trip"
+
     table.add_column("figure")
     table.add_column("value", justify="right")
     rows = [
@@ -245,7 +249,19 @@ def bench(
         *((f"latency {k}", f"{v} ms") for k, v in report.latency_ms.items()),
         ("orchestrator CPU", f"{report.orchestrator_cpu_seconds} s"),
         ("orchestrator peak RSS", f"{report.orchestrator_peak_rss_mb} MB"),
+        (
+            f"machine CPU ({report.machine_cores} cores)",
+            f"{report.machine_cpu_seconds} s, {per_round_trip(report.machine_cpu_seconds)}",
+        ),
+        *(
+            (f"  {name}", f"{spent} s, {per_round_trip(spent)}")
+            for name, spent in report.cpu_seconds_by_process.items()
+        ),
     ]
+    if report.machine_cpu_seconds > 0:
+        # Were every core busy at this cost per round trip, this is as fast as it could go.
+        ceiling = report.machine_cores * report.completed / report.machine_cpu_seconds
+        rows.append(("throughput all cores would carry", f"{ceiling:.0f} requests/s"))
     for name, value in rows:
         table.add_row(name, value)
     out.print(table)
