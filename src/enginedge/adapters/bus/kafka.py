@@ -93,6 +93,7 @@ class KafkaSubscription:
 
     async def _ensure(self) -> AIOKafkaConsumer:
         if self._consumer is None:
+            self._bus._subscriptions.add(self)  # again, if used after a close
             consumer = AIOKafkaConsumer(
                 *self._topics,
                 group_id=self._group,
@@ -195,6 +196,9 @@ class KafkaSubscription:
 
     async def close(self) -> None:
         """Leave the group (its partitions go to the other members at once) and stop."""
+        # Forgotten by its bus: a worker that stalls leaves its group and joins again with a
+        # new subscription, and the bus would otherwise keep every closed one.
+        self._bus._subscriptions.discard(self)
         if self._consumer is not None:
             _leave_even_generation_zero(self._consumer)
             # Bounded: leaving the group waits for the broker, which may be gone.
@@ -233,7 +237,8 @@ class KafkaBus:
         self._failing = False
         self._producer: AIOKafkaProducer | None = None
         self._lock = asyncio.Lock()
-        self._subscriptions: list[KafkaSubscription] = []
+        # The subscriptions not closed yet, for close(): each one removes itself when closed.
+        self._subscriptions: set[KafkaSubscription] = set()
         self._known_topics: set[str] = set()
         self._watcher: asyncio.Task[None] | None = None
 
@@ -321,7 +326,7 @@ class KafkaBus:
     ) -> KafkaSubscription:
         wait = self.settings.fetch_max_wait_ms if urgent else RELAXED_FETCH_MAX_WAIT_MS
         subscription = KafkaSubscription(self, topics, group, wait)
-        self._subscriptions.append(subscription)
+        self._subscriptions.add(subscription)
         return subscription
 
     async def ping(self) -> None:
@@ -343,7 +348,7 @@ class KafkaBus:
                 await self._watcher
             self._watcher = None
         # Together, each bounded: a process that stops must not wait on a broker in turn.
-        await asyncio.gather(*(s.close() for s in self._subscriptions))
+        await asyncio.gather(*(s.close() for s in list(self._subscriptions)))
         if self._producer is not None:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(CLOSE_TIMEOUT_SECONDS):
