@@ -4,15 +4,16 @@ transaction fails alone."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from enginedge.application.outbox import dispatch_message
 from enginedge.application.ports import IdempotencyKeyTaken
-from enginedge.domain.model import Request
+from enginedge.domain.model import Request, RequestStatus
 from tests.support.harness import API_KEY, fast_settings, run_service
 from tests.support.store_spy import SpiedStore
 from tests.support.workers import Probe, worker_for_tests
@@ -52,7 +53,9 @@ async def test_a_clash_in_a_shared_commit_fails_only_its_request(
         writer = svc.service.ctx.writer
 
         def copy(key: str | None) -> Request:
-            return dataclasses.replace(template, id=uuid.uuid4(), idempotency_key=key)
+            return dataclasses.replace(
+                template, id=uuid.uuid4(), idempotency_key=key, status=RequestStatus.PENDING
+            )
 
         batch = [copy(None), copy("k1"), copy(None), copy("k2")]
         outcomes = await asyncio.gather(
@@ -63,3 +66,49 @@ async def test_a_clash_in_a_shared_commit_fails_only_its_request(
         for request, outcome in zip(batch, outcomes, strict=True):
             stored = await svc.service.ctx.store.get_request(request.id)
             assert (stored is not None) == (outcome is None)
+            # Each accepted request was told PENDING once, though its batch was written twice
+            # (together, then one by one); the refused one was told nothing.
+            history = await svc.service.ctx.events.history(request.id, None)
+            told = [e for e in history if e.type == "status" and e.data["status"] == "PENDING"]
+            assert len(told) == (1 if outcome is None else 0)
+
+
+async def test_a_batch_whose_commit_fails_is_told_once_per_request(
+    database_url: str, tmp_path: Path
+) -> None:
+    # A batch's PENDING events go out just before its commit. When that commit fails, the
+    # requests are written again one by one: they must not be told PENDING a second time.
+    settings = fast_settings(tmp_path, database_url)
+    lost: list[int] = []
+
+    class LosesTheFirstCommitOfSeveral(SpiedStore):
+        """The real store, except that the first transaction adding several requests fails
+        as it commits: after its body ran, so after their events were told."""
+
+        @contextlib.asynccontextmanager
+        async def transaction(self, *, durable: bool = True) -> AsyncIterator[Any]:
+            added: list[int] = []
+
+            async def add_requests(real: Any, requests: Sequence[Request]) -> None:
+                added.append(len(requests))
+                await real(requests)
+
+            spied = SpiedStore(self.inner, add_requests=add_requests)
+            async with spied.transaction(durable=durable) as tx:
+                yield tx
+                if not lost and sum(added) > 1:
+                    lost.append(sum(added))
+                    raise ConnectionError("the commit was lost")  # the batch rolls back
+
+    async with run_service(settings, [worker_for_tests(Probe())]) as svc:
+        ctx = svc.service.ctx
+        ctx.store = LosesTheFirstCommitOfSeveral(ctx.store)  # type: ignore[assignment]
+        responses = await asyncio.gather(*(svc.submit("test.echo", {"i": i}) for i in range(20)))
+        assert [r.status_code for r in responses] == [202] * 20
+        assert lost and lost[0] > 1  # a batch of several was lost at its commit
+        for response in responses:
+            rid = response.json()["requestId"]
+            assert (await svc.wait_terminal(rid))["status"] == "COMPLETED"
+            history = await ctx.events.history(uuid.UUID(rid), None)
+            statuses = [e.data["status"] for e in history if e.type == "status"]
+            assert statuses.count("PENDING") == 1, statuses

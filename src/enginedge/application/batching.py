@@ -5,12 +5,17 @@ hundred. While one transaction of new requests commits, the requests accepted me
 and then go together in the next one: alone, a request is written at once; under load, each
 flush carries many. Every caller still returns only after its own request is committed, so
 a 202 keeps meaning "durable".
+
+A batch's ``PENDING`` events are told inside its transaction, just before the commit: until
+the commit no relay can see its dispatches, so no later event of a request (``DISPATCHED``,
+the worker's) can reach its stream before the first one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 
 from enginedge.application.ports import OutboxMessage, RequestStore
@@ -28,15 +33,14 @@ class RequestWriter:
     def __init__(
         self,
         store: Callable[[], RequestStore],
-        committed: Callable[[list[Request]], Awaitable[None]],
+        accepted: Callable[[list[Request]], Awaitable[None]],
         max_batch: int = MAX_BATCH,
     ) -> None:
         # The store is looked up when writing, so that a context whose store is swapped
         # (tests, a reconnect) is followed.
         self._store = store
-        # Told each committed batch (its events go out in one round trip), before its
-        # callers return.
-        self._committed = committed
+        # Told each batch as it is about to commit (its events go out in one round trip).
+        self._accepted = accepted
         self._max_batch = max_batch
         self._waiting: list[tuple[Entry, asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
@@ -54,8 +58,9 @@ class RequestWriter:
         while self._waiting:
             batch = self._waiting[: self._max_batch]
             del self._waiting[: self._max_batch]
+            told: set[uuid.UUID] = set()
             try:
-                await self._write([entry for entry, _ in batch])
+                await self._write([entry for entry, _ in batch], told)
             except Exception as exc:
                 if len(batch) == 1:
                     _fail(batch[0][1], exc)
@@ -64,29 +69,34 @@ class RequestWriter:
                 # outcome.
                 for entry, done in batch:
                     try:
-                        await self._write([entry])
+                        await self._write([entry], told)
                     except Exception as single:
                         _fail(done, single)
                     else:
-                        await self._tell([entry[0]])
                         _succeed(done)
             else:
-                await self._tell([request for (request, _), _ in batch])
                 for _, done in batch:
                     _succeed(done)
 
-    async def _tell(self, requests: list[Request]) -> None:
-        try:
-            await self._committed(requests)
-        except Exception:
-            # The requests are durable and will be dispatched: a caller must not hear
-            # otherwise because their first event could not be told.
-            log.exception("could not tell that requests were accepted")
-
-    async def _write(self, entries: list[Entry]) -> None:
+    async def _write(self, entries: list[Entry], told: set[uuid.UUID]) -> None:
         async with self._store().transaction() as tx:
             await tx.add_requests([request for request, _ in entries])
             await tx.enqueue([m for _, outbox in entries for m in outbox])
+            # Once per request: a batch whose commit failed after its events went out is
+            # written again one by one. (A request that then fails alone leaves a PENDING
+            # event in a stream whose id no caller was given; it expires.)
+            await self._tell([r for r, _ in entries if r.id not in told])
+            told.update(r.id for r, _ in entries)
+
+    async def _tell(self, requests: list[Request]) -> None:
+        if not requests:
+            return
+        try:
+            await self._accepted(requests)
+        except Exception:
+            # The requests are about to be durable and will be dispatched: a caller must not
+            # hear otherwise because their first event could not be told.
+            log.exception("could not tell that requests were accepted")
 
 
 def _succeed(done: asyncio.Future[None]) -> None:
