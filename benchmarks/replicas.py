@@ -1,0 +1,137 @@
+"""One orchestrator replica against two, on this one machine (docs/performance.md).
+
+Distributed mode, 64 requests in flight in all: with two replicas, one `enginedge bench
+--mode external` client per replica with half the requests in flight each. The same servers
+(PostgreSQL with its durable defaults, tansu, Redis) and one worker process serve every run,
+alternating one and two replicas:
+
+    .venv/bin/python -m benchmarks.replicas                 # 1, 2, 1, 2 replicas
+    .venv/bin/python -m benchmarks.replicas --requests 4000 --rounds 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+from benchmarks.run import distributed_servers
+from tests.conftest import create_database
+from tests.support.servers import free_port
+
+KEY = "bench-replicas-key"
+IN_FLIGHT = 64
+
+
+def _enginedge(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as out:
+        return subprocess.Popen(  # noqa: S603 - our own command
+            [sys.executable, "-m", "enginedge", *args], env=env, stdout=out, stderr=out
+        )
+
+
+def _ready(url: str) -> None:
+    """Until the replica is ready and sees a healthy worker."""
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                workers = httpx.get(f"{url}/api/workers", headers={"X-API-Key": KEY}, timeout=2)
+                if any(w["status"] == "HEALTHY" for w in workers.json()["items"]):
+                    return
+        time.sleep(0.2)
+    raise SystemExit(f"{url} was not ready in 90 s")
+
+
+@contextlib.contextmanager
+def _cluster(replicas: int, servers: dict[str, str], logs: Path) -> Iterator[list[str]]:
+    """``replicas`` orchestrators and one worker on a fresh database; their URLs."""
+    env = dict(
+        os.environ,
+        DATABASE_URL=asyncio.run(create_database(servers["admin_url"])),
+        KAFKA_BROKERS=servers["brokers"],
+        REDIS_URL=servers["redis_url"],
+        API_KEYS=KEY,
+        HOST="127.0.0.1",
+        LOG_LEVEL="warn",
+        RATE_LIMIT_REQUESTS="100000000",
+        ENGINEDGE_DATA_DIR=str(logs),
+    )
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        urls = []
+        for i in range(replicas):
+            port = free_port()
+            urls.append(f"http://127.0.0.1:{port}")
+            processes.append(_enginedge(["serve"], {**env, "PORT": str(port)}, logs / f"o{i}.log"))
+        worker = ["worker", "--type", "data-processing", "--capacity", "256"]
+        processes.append(_enginedge(worker, env, logs / "worker.log"))
+        for url in urls:
+            _ready(url)
+        yield urls
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def measure(replicas: int, requests: int, servers: dict[str, str], logs: Path) -> dict[str, Any]:
+    """Round trips/s of ``replicas`` replicas driven at once, and the machine's CPU."""
+    with _cluster(replicas, servers, logs) as urls:
+        clients = [
+            subprocess.Popen(  # noqa: S603 - our own command
+                [
+                    *(sys.executable, "-m", "enginedge", "bench", "--mode", "external", "--json"),
+                    *("--url", url, "--api-key", KEY),
+                    *("--concurrency", str(IN_FLIGHT // replicas)),
+                    *("--requests", str(requests // replicas)),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+            )
+            for url in urls
+        ]
+        reports = [json.loads(client.communicate()[0]) for client in clients]
+    completed = sum(r["completed"] for r in reports)
+    # The clients ran side by side: each saw the whole machine over (nearly) the same window.
+    machine = max(r["machine_cpu_seconds"] for r in reports)
+    return {
+        "replicas": replicas,
+        "throughput": round(sum(r["throughput"] for r in reports)),
+        "latency_p50_ms": [r["latency_ms"]["p50"] for r in reports],
+        "errors": sum(r["errors"] for r in reports),
+        "machine_cpu_ms_per_request": round(1000 * machine / completed, 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=6000)
+    parser.add_argument("--rounds", type=int, default=2, help="each one replica, then two")
+    options = parser.parse_args()
+    with (
+        tempfile.TemporaryDirectory(prefix="enginedge-replicas-") as tmp,
+        distributed_servers() as servers,
+    ):
+        for _ in range(options.rounds):
+            for replicas in (1, 2):
+                print(json.dumps(measure(replicas, options.requests, servers, Path(tmp))))
+
+
+if __name__ == "__main__":
+    main()
