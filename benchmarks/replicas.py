@@ -2,8 +2,8 @@
 
 Distributed mode, 64 requests in flight in all: with two replicas, one `enginedge bench
 --mode external` client per replica with half the requests in flight each. The same servers
-(PostgreSQL with its durable defaults, tansu, Redis) and one worker process serve every run,
-alternating one and two replicas:
+(PostgreSQL with its durable defaults, tansu emptied before each run, Redis) and one worker
+process serve each run, alternating one and two replicas:
 
     .venv/bin/python -m benchmarks.replicas                 # 1, 2, 1, 2 replicas
     .venv/bin/python -m benchmarks.replicas --requests 4000 --rounds 1
@@ -12,7 +12,6 @@ alternating one and two replicas:
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
@@ -25,8 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from benchmarks.run import distributed_servers
-from tests.conftest import create_database
+from benchmarks.run import Servers, distributed_servers
 from tests.support.servers import free_port
 
 KEY = "bench-replicas-key"
@@ -54,13 +52,13 @@ def _ready(url: str) -> None:
 
 
 @contextlib.contextmanager
-def _cluster(replicas: int, servers: dict[str, str], logs: Path) -> Iterator[list[str]]:
-    """``replicas`` orchestrators and one worker on a fresh database; their URLs."""
+def _cluster(replicas: int, servers: Servers, logs: Path) -> Iterator[list[str]]:
+    """``replicas`` orchestrators and one worker on a fresh database and broker; their URLs."""
     env = dict(
         os.environ,
-        DATABASE_URL=asyncio.run(create_database(servers["admin_url"])),
-        KAFKA_BROKERS=servers["brokers"],
-        REDIS_URL=servers["redis_url"],
+        DATABASE_URL=servers.fresh_run(),
+        KAFKA_BROKERS=servers.brokers,
+        REDIS_URL=servers.redis_url,
         API_KEYS=KEY,
         HOST="127.0.0.1",
         LOG_LEVEL="warn",
@@ -90,7 +88,7 @@ def _cluster(replicas: int, servers: dict[str, str], logs: Path) -> Iterator[lis
                 process.wait()
 
 
-def measure(replicas: int, requests: int, servers: dict[str, str], logs: Path) -> dict[str, Any]:
+def measure(replicas: int, requests: int, servers: Servers, logs: Path) -> dict[str, Any]:
     """Round trips/s of ``replicas`` replicas driven at once, and the machine's CPU."""
     with _cluster(replicas, servers, logs) as urls:
         clients = [

@@ -23,11 +23,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tests.conftest import create_database
-from tests.support.servers import kafka_broker, postgres_server, redis_server
+from tests.support.servers import Restartable, kafka_broker, postgres_server, redis_server
 
 # name: (mode, requests in flight, flow). "submit-wait": the submit answers with the
 # outcome (POST /api/orchestrate?wait=); "poll": a 202, then GET /api/requests/{id}?wait=.
@@ -41,29 +42,44 @@ SCENARIOS = {
 RESULTS = Path(__file__).parent / "results"
 
 
+@dataclass(frozen=True)
+class Servers:
+    """The servers of distributed mode, each on a free port."""
+
+    admin_url: str
+    brokers: str
+    redis_url: str
+    broker: Restartable
+
+    def fresh_run(self) -> str:
+        """A new database, and an empty broker, for the next run: tansu keeps its log in
+        memory and slows down as it grows, so without it each run would start behind the
+        last. Its URL."""
+        self.broker.restart()
+        return asyncio.run(create_database(self.admin_url))
+
+
 @contextlib.contextmanager
-def distributed_servers() -> Iterator[dict[str, str]]:
+def distributed_servers() -> Iterator[Servers]:
     """PostgreSQL (durable commits), the broker and Redis, each on a free port."""
     with postgres_server(durable=True) as pg, kafka_broker() as broker, redis_server() as redis:
-        yield {
-            "admin_url": pg.url,
-            "brokers": f"127.0.0.1:{broker.port}",
-            "redis_url": f"redis://127.0.0.1:{redis.port}/0",
-        }
+        yield Servers(
+            admin_url=pg.url,
+            brokers=f"127.0.0.1:{broker.port}",
+            redis_url=f"redis://127.0.0.1:{redis.port}/0",
+            broker=broker,
+        )
 
 
-def bench(
-    mode: str, concurrency: int, flow: str, requests: int, servers: dict[str, str] | None
-) -> Any:
+def bench(mode: str, concurrency: int, flow: str, requests: int, servers: Servers | None) -> Any:
     """One `enginedge bench` run; its JSON report."""
     args = [sys.executable, "-m", "enginedge", "bench", "--json", "--mode", mode, "--flow", flow]
     args += ["--concurrency", str(concurrency), "--requests", str(requests)]
     if mode == "distributed":
         assert servers is not None
-        # A fresh database per run, so that no run reads another's rows.
-        database = asyncio.run(create_database(servers["admin_url"]))
-        args += ["--database-url", database, "--kafka-brokers", servers["brokers"]]
-        args += ["--redis-url", servers["redis_url"]]
+        database = servers.fresh_run()
+        args += ["--database-url", database, "--kafka-brokers", servers.brokers]
+        args += ["--redis-url", servers.redis_url]
     done = subprocess.run(args, capture_output=True, text=True, check=False)  # noqa: S603
     if done.returncode != 0:
         raise SystemExit(f"bench failed ({done.returncode}):\n{done.stderr[-3000:]}")
