@@ -18,14 +18,14 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 from benchmarks.run import Servers, distributed_servers
-from tests.support.servers import free_port
+from tests.support.servers import free_port, stop_process
+
+from enginedge.entrypoints.bench import wait_ready
 
 KEY = "bench-replicas-key"
 IN_FLIGHT = 64
@@ -36,19 +36,6 @@ def _enginedge(args: list[str], env: dict[str, str], log: Path) -> subprocess.Po
         return subprocess.Popen(  # noqa: S603 - our own command
             [sys.executable, "-m", "enginedge", *args], env=env, stdout=out, stderr=out
         )
-
-
-def _ready(url: str) -> None:
-    """Until the replica is ready and sees a healthy worker."""
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                workers = httpx.get(f"{url}/api/workers", headers={"X-API-Key": KEY}, timeout=2)
-                if any(w["status"] == "HEALTHY" for w in workers.json()["items"]):
-                    return
-        time.sleep(0.2)
-    raise SystemExit(f"{url} was not ready in 90 s")
 
 
 @contextlib.contextmanager
@@ -67,25 +54,19 @@ def _cluster(replicas: int, servers: Servers, logs: Path) -> Iterator[list[str]]
     )
     processes: list[subprocess.Popen[bytes]] = []
     try:
-        urls = []
+        replicas_at: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
         for i in range(replicas):
-            port = free_port()
-            urls.append(f"http://127.0.0.1:{port}")
-            processes.append(_enginedge(["serve"], {**env, "PORT": str(port)}, logs / f"o{i}.log"))
+            port, log = free_port(), logs / f"o{i}.log"
+            processes.append(_enginedge(["serve"], {**env, "PORT": str(port)}, log))
+            replicas_at[f"http://127.0.0.1:{port}"] = (processes[-1], log)
         worker = ["worker", "--type", "data-processing", "--capacity", "256"]
         processes.append(_enginedge(worker, env, logs / "worker.log"))
-        for url in urls:
-            _ready(url)
-        yield urls
+        for url, (process, log) in replicas_at.items():
+            wait_ready(url, KEY, process, log)
+        yield list(replicas_at)
     finally:
         for process in processes:
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop_process(process, timeout=60)
 
 
 def measure(replicas: int, requests: int, servers: Servers, logs: Path) -> dict[str, Any]:

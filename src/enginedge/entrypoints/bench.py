@@ -6,8 +6,8 @@ task from a fixed number of concurrent callers, and waits for each request's ter
 by default in the submit itself (``POST /api/orchestrate?wait=``), with ``--flow poll`` by
 long polling ``GET /api/requests/{id}?wait=`` after a 202: the time counted is everything a
 caller would see.
-The orchestrator's CPU seconds and peak RSS are read from its process while it runs, and
-the CPU time of the whole machine, by process, over the same window: on a machine that holds
+The orchestrator's peak RSS is sampled from its process while it runs; its CPU seconds are
+read with those of the whole machine, by process, over the same window: on a machine that holds
 the client, the worker and the servers too, what they all spend per round trip bounds the
 throughput (``cores / CPU seconds per round trip``), whatever the orchestrator does.
 """
@@ -115,23 +115,17 @@ def summarise(latencies: list[float]) -> dict[str, float]:
     }
 
 
-class _Sampler:
-    """Peak RSS and CPU time of a process, sampled in the background."""
+class _PeakRss:
+    """Peak RSS of a process, sampled in the background (its CPU time is in
+    :class:`_MachineCpu`'s figures, by role)."""
 
     def __init__(self, pid: int | None) -> None:
         self._process = psutil.Process(pid) if pid else None
         self.peak_rss = 0
-        self._cpu_start = 0.0
         self._task: asyncio.Task[None] | None = None
 
-    def _cpu(self) -> float:
-        assert self._process is not None
-        times = self._process.cpu_times()
-        return float(times.user + times.system)
-
-    async def __aenter__(self) -> _Sampler:
+    async def __aenter__(self) -> _PeakRss:
         if self._process is not None:
-            self._cpu_start = self._cpu()
             self._task = asyncio.create_task(self._sample())
         return self
 
@@ -147,13 +141,6 @@ class _Sampler:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-
-    def cpu_seconds(self) -> float | None:
-        if self._process is None:
-            return None
-        with contextlib.suppress(psutil.Error):
-            return round(self._cpu() - self._cpu_start, 3)
-        return None
 
     def peak_rss_mb(self) -> float | None:
         return round(self.peak_rss / 2**20, 1) if self._process is not None else None
@@ -323,7 +310,7 @@ def _service(config: BenchConfig) -> Iterator[_Service]:
             if config.redis_url:
                 env["REDIS_URL"] = config.redis_url
         processes: list[subprocess.Popen[bytes]] = []
-        roles: dict[int, str] = {os.getpid(): "client"}
+        roles: dict[int, str] = {}
 
         def spawn(args: list[str], name: str) -> subprocess.Popen[bytes]:
             with open(logs / f"{name}.log", "ab") as log:
@@ -351,14 +338,14 @@ def _service(config: BenchConfig) -> Iterator[_Service]:
                     "worker",
                 )
             url = f"http://127.0.0.1:{port}"
-            _wait_ready(url, key, orchestrator, logs / "orchestrator.log")
+            wait_ready(url, key, orchestrator, logs / "orchestrator.log")
             yield _Service(url, key, orchestrator.pid, processes, roles)
         finally:
             for process in reversed(processes):
                 _stop(process)
 
 
-def _wait_ready(url: str, key: str, process: subprocess.Popen[bytes], log: Path) -> None:
+def wait_ready(url: str, key: str, process: subprocess.Popen[bytes], log: Path) -> None:
     """Until the service is ready and a worker for ``echo`` is healthy."""
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
@@ -380,9 +367,10 @@ async def _measure(
 ) -> BenchReport:
     if config.warmup:
         await drive(service.url, service.api_key, config.warmup, config.concurrency, config.flow)
-    roles = service.roles or {os.getpid(): "client"}
-    with _MachineCpu(roles) as machine:
-        async with _Sampler(service.pid) as sampler:
+    # In external mode the orchestrator is not ours to name: no CPU figure of its own.
+    orchestrator_cpu = 0.0 if service.pid else None
+    with _MachineCpu({os.getpid(): "client", **service.roles}) as machine:
+        async with _PeakRss(service.pid) as rss:
             latencies, errors, seconds = await drive(
                 service.url,
                 service.api_key,
@@ -401,8 +389,8 @@ async def _measure(
         seconds=round(seconds, 3),
         throughput=round(len(latencies) / seconds, 1) if seconds else 0.0,
         latency_ms=summarise(latencies),
-        orchestrator_cpu_seconds=sampler.cpu_seconds(),
-        orchestrator_peak_rss_mb=sampler.peak_rss_mb(),
+        orchestrator_cpu_seconds=machine.by_process.get("orchestrator", orchestrator_cpu),
+        orchestrator_peak_rss_mb=rss.peak_rss_mb(),
         machine_cpu_seconds=machine.seconds,
         machine_cores=psutil.cpu_count() or 1,
         cpu_seconds_by_process=machine.by_process,
