@@ -173,7 +173,16 @@ async def wait_processing(
         if len(found) >= at_least:
             return found
         await asyncio.sleep(0.1)
-    raise AssertionError(f"fewer than {at_least} of {len(rids)} requests reached PROCESSING")
+    # Where they are instead, and what the fleet looks like: enough to tell a stuck dispatch
+    # from a starved or lost worker when this fails in CI.
+    seen = [(await http.get(f"{url}/api/requests/{r}", headers=H)).json() for r in rids]
+    where = [(b.get("status"), b.get("attempts"), b.get("workerId")) for b in seen]
+    fleet = (await http.get(f"{url}/api/workers", headers=H)).json().get("items", [])
+    workers = [(w.get("workerId"), w.get("status"), w.get("active")) for w in fleet]
+    raise AssertionError(
+        f"fewer than {at_least} of {len(rids)} requests reached PROCESSING; "
+        f"they are (status, attempts, worker): {where}; the workers: {workers}"
+    )
 
 
 async def worker_endpoint(url: str, http: httpx.AsyncClient, worker_id: str) -> str:
