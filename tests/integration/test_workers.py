@@ -115,6 +115,10 @@ async def test_a_stalled_worker_sits_out_at_least_its_bus_rebalance() -> None:
             while runtime.status != "UNHEALTHY":
                 await asyncio.sleep(0.02)
         stalled = time.monotonic()
+        # The cancellation reaches the handler a few loop turns after the status turns.
+        async with asyncio.timeout(2):
+            while not probe.cancelled:
+                await asyncio.sleep(0.01)
         assert probe.cancelled == [str(rid)]
         async with asyncio.timeout(10):
             while runtime.status == "UNHEALTHY":
