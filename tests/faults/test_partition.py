@@ -31,7 +31,6 @@ from tests.faults.support import (
     record,
     verdict,
     wait_all_terminal,
-    wait_processing,
     worker_endpoint,
 )
 from tests.support.harness import wait_worker
@@ -149,17 +148,28 @@ async def test_worker_partitioned_then_healed(
     c.wait_for_workers(url, 2)
     load = Load(url, http)
     await load.submit_many(fast=60, slow=6)
-    slow = [rid for rid, (kind, _) in load.accepted.items() if kind == "slow"]
-    # Wait until the namespaced worker holds some of them.
-    deadline = time.monotonic() + 60
+    # Wait until the namespaced worker holds a slow request. A request's partition follows
+    # its id, and the namespaced worker may own one partition of three: then none of six
+    # lands there about one time in eleven (CI saw it), so more are sent while none waits.
+    deadline = time.monotonic() + 120
+    more = 0
     while True:
-        processing = await wait_processing(url, http, slow)
+        slow = [rid for rid, (kind, _) in load.accepted.items() if kind == "slow"]
+        bodies = [(await http.get(f"{url}/api/requests/{r}", headers=H)).json() for r in slow]
+        processing = {
+            b["requestId"]: b["workerId"] for b in bodies if b.get("status") == "PROCESSING"
+        }
         endpoints = {w: await worker_endpoint(url, http, w) for w in set(processing.values())}
         inside = [w for w, e in endpoints.items() if NS_IP in e]
         if inside or time.monotonic() > deadline:
             break
+        waiting = [b for b in bodies if b.get("status") in ("PENDING", "DISPATCHED")]
+        if not waiting and more < 15:
+            for i in range(3):
+                await load.submit("slow", 500 + more + i)
+            more += 3
         await asyncio.sleep(0.2)
-    assert inside, "the namespaced worker never took work"
+    assert inside, f"the namespaced worker never took a slow request ({more} more sent)"
     victim_id = inside[0]
     held = [rid for rid, w in processing.items() if w == victim_id]
     caught = await in_flight(c.database_url, load)
