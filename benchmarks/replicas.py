@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.run import Servers, distributed_servers
-from tests.support.servers import free_port, stop_process
+from tests.support.servers import free_port
 
 from enginedge.entrypoints.bench import wait_ready
+from enginedge.entrypoints.processes import stop_process
 
 KEY = "bench-replicas-key"
 IN_FLIGHT = 64

@@ -32,7 +32,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.servers import free_port, kafka_broker, stop_process
+from enginedge.entrypoints.processes import stop_process
+from tests.support.servers import free_port, kafka_broker
 
 ROOT = Path(__file__).parents[2]
 KEY = "container-test-key-0123456789"

@@ -22,8 +22,9 @@ import asyncpg
 import httpx
 import psutil
 
+from enginedge.entrypoints.processes import stop_process
 from tests.integration.test_distributed import TERMINAL, Cluster, H, metric
-from tests.support.servers import free_port, stop_process
+from tests.support.servers import free_port
 
 FIGURES_DIR = Path(
     os.environ.get(

@@ -21,9 +21,10 @@ import pytest
 
 from enginedge.application.ports import BusMessage
 from enginedge.domain.messages import RESULTS_TOPIC
+from enginedge.entrypoints.processes import stop_process
 from tests.support.fake_llm import FakeLlm, fake_llm_server
 from tests.support.harness import API_KEY, Running, fast_settings, run_service
-from tests.support.servers import free_port, stop_process
+from tests.support.servers import free_port
 
 playwright_api = pytest.importorskip("playwright.async_api", reason="playwright not installed")
 Browser = playwright_api.Browser

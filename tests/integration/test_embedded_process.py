@@ -17,7 +17,8 @@ import httpx
 import orjson
 import pytest
 
-from tests.support.servers import free_port, stop_process
+from enginedge.entrypoints.processes import stop_process
+from tests.support.servers import free_port
 
 KEY = "cli-test-key-0123456789"
 SLOW_SQL = "SELECT count(*) AS n FROM range(1000000000) t(i) WHERE i % 7 = 3"

@@ -26,12 +26,13 @@ from enginedge.domain.messages import (
     HeartbeatMessage,
     requests_topic,
 )
+from enginedge.entrypoints.processes import stop_process
 from enginedge.worker import Task, WorkerApp, WorkerRuntime
 from enginedge.worker.health import serving_health
 from tests.integration.test_api import H, read_events
 from tests.support.fake_llm import FakeLlm, fake_llm_server
 from tests.support.harness import fast_settings, run_service, wait_worker
-from tests.support.servers import free_port, stop_process
+from tests.support.servers import free_port
 from tests.support.workers import Probe, worker_for_tests
 
 README = Path(__file__).parents[2] / "README.md"

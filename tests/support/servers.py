@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from enginedge.entrypoints.processes import stop_process
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -39,22 +41,6 @@ def wait_for_port(
             return
         time.sleep(0.05)
     raise TimeoutError(f"nothing listens on port {port} after {timeout}s")
-
-
-def stop_process(
-    process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 15.0
-) -> int:
-    """Stop a child by its PID: ``sig``, then SIGKILL if it has not exited in time."""
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(process.pid, sig)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(process.pid, signal.SIGKILL)
-            process.wait(5)
-    return int(process.returncode)
 
 
 def postgres_bin_dir() -> Path:

@@ -36,6 +36,7 @@ import psutil
 import uvloop
 
 from enginedge.domain.model import TERMINAL_NAMES
+from enginedge.entrypoints.processes import stop_process
 
 Mode = Literal["embedded", "distributed", "external"]
 # How a caller learns the outcome: the submit waits for it (``POST ...?wait=``), or the
@@ -265,16 +266,6 @@ class _Service:
     roles: dict[int, str] = field(default_factory=dict)
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 @contextlib.contextmanager
 def _service(config: BenchConfig) -> Iterator[_Service]:
     """The orchestrator (and worker) the bench drives, stopped afterwards by their PIDs."""
@@ -342,7 +333,7 @@ def _service(config: BenchConfig) -> Iterator[_Service]:
             yield _Service(url, key, orchestrator.pid, processes, roles)
         finally:
             for process in reversed(processes):
-                _stop(process)
+                stop_process(process, timeout=30)
 
 
 def wait_ready(url: str, key: str, process: subprocess.Popen[bytes], log: Path) -> None:
