@@ -275,3 +275,26 @@ def test_bench_refuses_distributed_mode_without_its_services(tmp_path: Path) -> 
     assert result.returncode == 3
     assert "needs --database-url and --kafka-brokers" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_bench_with_failed_round_trips_exits_non_zero_also_with_json(tmp_path: Path) -> None:
+    """Every round trip fails (nothing listens there): the figures still come, with the
+    errors counted and named, and the exit code says the run failed, as the table's does."""
+    env = _env(tmp_path, free_port())
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "enginedge", "bench", "--mode", "external", "--json"),
+            *("--url", f"http://127.0.0.1:{free_port()}", "--api-key", "bench-key-1"),
+            *("--requests", "5", "--concurrency", "2", "--warmup", "0"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 3, result.stderr
+    report = orjson.loads(result.stdout)
+    assert (report["completed"], report["errors"]) == (0, 5)
+    assert any("Cannot connect" in sample for sample in report["error_samples"])
+    assert "Traceback" not in result.stderr

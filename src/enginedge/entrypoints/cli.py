@@ -235,6 +235,9 @@ def bench(
         _fail(str(exc), EXIT_API)
     if as_json:
         _print_json(report.as_dict())
+        # The same exit code as the table's: a script must not take a failed run for figures.
+        if report.errors:
+            raise typer.Exit(EXIT_API)
         return
     table = Table(title=f"enginedge bench: {mode}, {concurrency} in flight, {flow}")
 
