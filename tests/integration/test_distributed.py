@@ -22,6 +22,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
+from enginedge.entrypoints.processes import stop_process
+from tests.support.harness import until
 from tests.support.otlp import otlp_receiver
 from tests.support.servers import (
     Restartable,
@@ -29,7 +31,6 @@ from tests.support.servers import (
     kafka_broker,
     postgres_server,
     redis_server,
-    stop_process,
 )
 
 KEY = "distributed-key-0123456789"
@@ -305,8 +306,13 @@ async def test_two_replicas_two_workers_a_thousand_requests(
     reasons = " ".join(d["error"] for d in dead)
     assert "not JSON" in reasons, dead
     assert "unknown request" in reasons, dead
-    metrics = [(await http.get(f"{u}/metrics")).text for u in (a, b)]
-    assert sum(metric(m, "enginedge_dlq_messages_total") for m in metrics) >= 1
+
+    # Counted once the broker took the dead letter, which a reader may see a moment sooner.
+    async def counted() -> bool:
+        metrics = [(await http.get(f"{u}/metrics")).text for u in (a, b)]
+        return sum(metric(m, "enginedge_dlq_messages_total") for m in metrics) >= 2
+
+    await until("both dead letters to be counted", counted, timeout=10)
 
     # SIGTERM: every process drains and exits 0.
     assert cluster.stop_all() == [0, 0, 0, 0]
