@@ -232,19 +232,25 @@ def test_an_accepted_request_survives_a_crash_and_completes_after_restart(tmp_pa
         assert stop_process(second.process) == 0  # SIGTERM: a clean exit
 
 
-def test_bench_short_form_reports_every_round_trip(tmp_path: Path) -> None:
-    """`enginedge bench` starts its own service, drives it and reports; no timing asserted."""
-    env = _env(tmp_path, free_port())
-    result = subprocess.run(
-        [
-            *(sys.executable, "-m", "enginedge", "bench", "--requests", "60"),
-            *("--concurrency", "4", "--warmup", "5", "--json", "--log-dir", str(tmp_path / "logs")),
-        ],
-        env=env,
+def _bench(tmp_path: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """`enginedge bench` with ``args``, in a process of its own with the test's settings."""
+    return subprocess.run(
+        [sys.executable, "-m", "enginedge", "bench", *args],
+        env=_env(tmp_path, free_port()),
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=timeout,
         check=False,
+    )
+
+
+def test_bench_short_form_reports_every_round_trip(tmp_path: Path) -> None:
+    """`enginedge bench` starts its own service, drives it and reports; no timing asserted."""
+    result = _bench(
+        tmp_path,
+        *("--requests", "60", "--concurrency", "4", "--warmup", "5", "--json"),
+        *("--log-dir", str(tmp_path / "logs")),
+        timeout=180,
     )
     assert result.returncode == 0, result.stderr
     report = orjson.loads(result.stdout)
@@ -263,15 +269,7 @@ def test_bench_short_form_reports_every_round_trip(tmp_path: Path) -> None:
 
 
 def test_bench_refuses_distributed_mode_without_its_services(tmp_path: Path) -> None:
-    env = _env(tmp_path, free_port())
-    result = subprocess.run(
-        [sys.executable, "-m", "enginedge", "bench", "--mode", "distributed"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = _bench(tmp_path, "--mode", "distributed")
     assert result.returncode == 3
     assert "needs --database-url and --kafka-brokers" in result.stderr
     assert "Traceback" not in result.stderr
@@ -280,18 +278,11 @@ def test_bench_refuses_distributed_mode_without_its_services(tmp_path: Path) -> 
 def test_bench_with_failed_round_trips_exits_non_zero_also_with_json(tmp_path: Path) -> None:
     """Every round trip fails (nothing listens there): the figures still come, with the
     errors counted and named, and the exit code says the run failed, as the table's does."""
-    env = _env(tmp_path, free_port())
-    result = subprocess.run(
-        [
-            *(sys.executable, "-m", "enginedge", "bench", "--mode", "external", "--json"),
-            *("--url", f"http://127.0.0.1:{free_port()}", "--api-key", "bench-key-1"),
-            *("--requests", "5", "--concurrency", "2", "--warmup", "0"),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    result = _bench(
+        tmp_path,
+        *("--mode", "external", "--json", "--api-key", "bench-key-1"),
+        *("--url", f"http://127.0.0.1:{free_port()}"),
+        *("--requests", "5", "--concurrency", "2", "--warmup", "0"),
     )
     assert result.returncode == 3, result.stderr
     report = orjson.loads(result.stdout)
