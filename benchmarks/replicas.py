@@ -40,11 +40,13 @@ def _enginedge(args: list[str], env: dict[str, str], log: Path) -> subprocess.Po
 
 
 @contextlib.contextmanager
-def _cluster(replicas: int, servers: Servers, logs: Path) -> Iterator[list[str]]:
-    """``replicas`` orchestrators and one worker on a fresh database and broker; their URLs."""
+def cluster(replicas: int, servers: Servers, logs: Path) -> Iterator[tuple[list[str], str]]:
+    """``replicas`` orchestrators and one worker on a fresh database and broker; their URLs,
+    and the database's."""
+    database_url = servers.fresh_run()
     env = dict(
         os.environ,
-        DATABASE_URL=servers.fresh_run(),
+        DATABASE_URL=database_url,
         KAFKA_BROKERS=servers.brokers,
         REDIS_URL=servers.redis_url,
         API_KEYS=KEY,
@@ -64,7 +66,7 @@ def _cluster(replicas: int, servers: Servers, logs: Path) -> Iterator[list[str]]
         processes.append(_enginedge(worker, env, logs / "worker.log"))
         for url, (process, log) in replicas_at.items():
             wait_ready(url, KEY, process, log)
-        yield list(replicas_at)
+        yield list(replicas_at), database_url
     finally:
         for process in processes:
             stop_process(process, timeout=60)
@@ -72,7 +74,7 @@ def _cluster(replicas: int, servers: Servers, logs: Path) -> Iterator[list[str]]
 
 def measure(replicas: int, requests: int, servers: Servers, logs: Path) -> dict[str, Any]:
     """Round trips/s of ``replicas`` replicas driven at once, and the machine's CPU."""
-    with _cluster(replicas, servers, logs) as urls:
+    with cluster(replicas, servers, logs) as (urls, _):
         clients = [
             subprocess.Popen(  # noqa: S603 - our own command
                 [
