@@ -28,47 +28,31 @@ from typing import Any
 import asyncpg
 import psutil
 from benchmarks.replicas import KEY, cluster
-from benchmarks.run import Servers, distributed_servers
+from benchmarks.run import distributed_servers
 
-from enginedge.entrypoints.bench import drive
+from enginedge.entrypoints.bench import MachineCpu, drive
 
 TRICKLE_GAP_SECONDS = 0.2
+# What is reported: our processes by role, the servers by their processes' names (as
+# MachineCpu names them).
+WATCHED = {
+    "orchestrator": ("orchestrator",),
+    "worker": ("worker",),
+    "tansu": ("tansu",),
+    "postgres": ("postgres",),
+    "redis": ("valkey-server", "redis-server"),
+}
 
 
-def _processes(servers: Servers) -> dict[str, list[psutil.Process]]:
-    """The processes to watch, by role: ours by their command, the servers by name."""
-    children = psutil.Process().children()
-    found: dict[str, list[psutil.Process]] = {"orchestrator": [], "worker": []}
-    for child in children:
+def _roles() -> dict[int, str]:
+    """The orchestrator's and the worker's PIDs, by their commands; the servers go by name."""
+    roles = {}
+    for child in psutil.Process().children():
         command = " ".join(child.cmdline())
-        if "enginedge serve" in command:
-            found["orchestrator"].append(child)
-        elif "enginedge worker" in command:
-            found["worker"].append(child)
-    assert servers.broker.process is not None
-    found["tansu"] = [psutil.Process(servers.broker.process.pid)]
-    by_name: dict[str, list[psutil.Process]] = {"postgres": [], "redis": []}
-    for process in psutil.process_iter(["name"]):
-        name = process.info["name"] or ""
-        if name == "postgres":
-            by_name["postgres"].append(process)
-        elif name in ("valkey-server", "redis-server"):
-            by_name["redis"].append(process)
-    return found | by_name
-
-
-def _cpu(processes: dict[str, list[psutil.Process]]) -> dict[str, float]:
-    totals = {}
-    for role, members in processes.items():
-        spent = 0.0
-        for process in members:
-            try:
-                times = process.cpu_times()
-            except psutil.NoSuchProcess:
-                continue
-            spent += times.user + times.system
-        totals[role] = spent
-    return totals
+        for role, marker in (("orchestrator", "enginedge serve"), ("worker", "enginedge worker")):
+            if marker in command:
+                roles[child.pid] = role
+    return roles
 
 
 async def _transactions(database_url: str) -> int:
@@ -85,34 +69,35 @@ async def _transactions(database_url: str) -> int:
 
 def _phase(
     name: str,
-    processes: dict[str, list[psutil.Process]],
+    roles: dict[int, str],
     run: Callable[[], int],
     database_url: str,
     idle: dict[str, float] | None,
 ) -> dict[str, Any]:
-    """Run ``run`` (it returns the round trips it made); each role's share of a core."""
-    before, commits, start = (
-        _cpu(processes),
-        asyncio.run(_transactions(database_url)),
-        time.monotonic(),
-    )
-    round_trips = run()
-    seconds = time.monotonic() - start
-    after = _cpu(processes)
+    """Run ``run`` (it returns the round trips it made); each watched process's share of a
+    core."""
+    commits = asyncio.run(_transactions(database_url))
+    with MachineCpu(roles) as machine:
+        start = time.monotonic()
+        round_trips = run()
+        seconds = time.monotonic() - start
     # The statistics collector publishes a backend's counts when its transaction ends.
     time.sleep(1.0)
     commits = asyncio.run(_transactions(database_url)) - commits
-    share = {role: (after[role] - before[role]) / seconds for role in processes}
+    share = {
+        label: sum(machine.spent.get(n, 0.0) for n in names) / seconds
+        for label, names in WATCHED.items()
+    }
     report: dict[str, Any] = {
         "phase": name,
         "seconds": round(seconds, 1),
         "round_trips": round_trips,
-        "core_percent": {role: round(100 * s, 1) for role, s in share.items()},
+        "core_percent": {p: round(100 * s, 1) for p, s in share.items()},
     }
     if round_trips and idle is not None:
         rate = round_trips / seconds
         report["cpu_ms_per_round_trip_above_idle"] = {
-            role: round(1000 * (share[role] - idle[role]) / rate, 2) for role in processes
+            p: round(1000 * (share[p] - idle[p]) / rate, 2) for p in WATCHED
         }
         report["transactions_per_round_trip"] = round(commits / round_trips, 2)
     return report
@@ -130,7 +115,7 @@ def main() -> None:
     ):
         url = urls[0]
         asyncio.run(drive(url, KEY, 100, 1))  # warm-up: connections, prepared statements
-        processes = _processes(servers)
+        roles = _roles()
 
         def idle() -> int:
             time.sleep(options.seconds)
@@ -146,14 +131,14 @@ def main() -> None:
         def back_to_back() -> int:
             return len(asyncio.run(drive(url, KEY, options.requests, 1))[0])
 
-        first = _phase("idle", processes, idle, database_url, None)
+        first = _phase("idle", roles, idle, database_url, None)
         print(json.dumps(first), flush=True)
         share = {role: p / 100 for role, p in first["core_percent"].items()}
         for name, run in (
             ("trickle", lambda: asyncio.run(trickle())),
             ("one at a time", back_to_back),
         ):
-            print(json.dumps(_phase(name, processes, run, database_url, share)), flush=True)
+            print(json.dumps(_phase(name, roles, run, database_url, share)), flush=True)
 
 
 if __name__ == "__main__":

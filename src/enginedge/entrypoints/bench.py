@@ -118,7 +118,7 @@ def summarise(latencies: list[float]) -> dict[str, float]:
 
 class _PeakRss:
     """Peak RSS of a process, sampled in the background (its CPU time is in
-    :class:`_MachineCpu`'s figures, by role)."""
+    :class:`MachineCpu`'s figures, by role)."""
 
     def __init__(self, pid: int | None) -> None:
         self._process = psutil.Process(pid) if pid else None
@@ -163,7 +163,7 @@ def _cpu_by_pid() -> dict[int, tuple[str, float]]:
     return seen
 
 
-class _MachineCpu:
+class MachineCpu:
     """The machine's busy CPU seconds over a window, and by process: what the client, the
     orchestrator, the worker and every server spent (a process that ended within the
     window is missed, hence the total as its own figure)."""
@@ -173,9 +173,10 @@ class _MachineCpu:
         self._start: dict[int, tuple[str, float]] = {}
         self._busy_start = 0.0
         self.seconds = 0.0
-        self.by_process: dict[str, float] = {}
+        # Every role's and process name's CPU seconds over the window, however small.
+        self.spent: dict[str, float] = {}
 
-    def __enter__(self) -> _MachineCpu:
+    def __enter__(self) -> MachineCpu:
         self._start = _cpu_by_pid()
         self._busy_start = _busy_seconds()
         return self
@@ -188,10 +189,15 @@ class _MachineCpu:
             if spent > 0:
                 role = self._roles.get(pid, name)
                 totals[role] = totals.get(role, 0.0) + spent
+        self.spent = totals
+
+    @property
+    def by_process(self) -> dict[str, float]:
+        """The roles, and the processes by name that spent at least 10 ms, most first."""
         named = set(self._roles.values())
-        self.by_process = {
+        return {
             role: round(spent, 3)
-            for role, spent in sorted(totals.items(), key=lambda item: -item[1])
+            for role, spent in sorted(self.spent.items(), key=lambda item: -item[1])
             if spent >= 0.01 or role in named  # the long tail of other processes is left out
         }
 
@@ -360,7 +366,7 @@ async def _measure(
         await drive(service.url, service.api_key, config.warmup, config.concurrency, config.flow)
     # In external mode the orchestrator is not ours to name: no CPU figure of its own.
     orchestrator_cpu = 0.0 if service.pid else None
-    with _MachineCpu({os.getpid(): "client", **service.roles}) as machine:
+    with MachineCpu({os.getpid(): "client", **service.roles}) as machine:
         async with _PeakRss(service.pid) as rss:
             latencies, errors, seconds = await drive(
                 service.url,
@@ -370,6 +376,7 @@ async def _measure(
                 config.flow,
                 on_done,
             )
+    by_process = machine.by_process
     return BenchReport(
         mode=config.mode,
         flow=config.flow,
@@ -380,11 +387,11 @@ async def _measure(
         seconds=round(seconds, 3),
         throughput=round(len(latencies) / seconds, 1) if seconds else 0.0,
         latency_ms=summarise(latencies),
-        orchestrator_cpu_seconds=machine.by_process.get("orchestrator", orchestrator_cpu),
+        orchestrator_cpu_seconds=by_process.get("orchestrator", orchestrator_cpu),
         orchestrator_peak_rss_mb=rss.peak_rss_mb(),
         machine_cpu_seconds=machine.seconds,
         machine_cores=psutil.cpu_count() or 1,
-        cpu_seconds_by_process=machine.by_process,
+        cpu_seconds_by_process=by_process,
         error_samples=sorted(set(errors))[:5],
     )
 
