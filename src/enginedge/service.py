@@ -35,6 +35,7 @@ from enginedge.worker import WorkerApp, WorkerRuntime
 log = logging.getLogger(__name__)
 
 RELAY_POLL_SECONDS = 0.5
+RELAY_BATCH = 500
 CONSUMER_BATCH = 500
 # A message whose handling keeps raising (not a malformed one: those go to the DLQ at once,
 # nor a store outage: that is waited out) is retried this many times, then dead-lettered so
@@ -201,16 +202,21 @@ class Service:
     async def _relay(self) -> None:
         failures = 0
         while True:
+            # Cleared before the outbox is read, not after: a request accepted while the
+            # relay runs sets it again, so the relay never sleeps on a message it missed.
+            self._wake.clear()
             try:
-                sent = await relay_outbox(self.ctx)
+                sent = await relay_outbox(self.ctx, RELAY_BATCH)
                 failures = 0
             except Exception as exc:
                 failures += 1
                 log.warning("outbox relay failed; will retry", extra=_error(exc))
                 await asyncio.sleep(min(0.1 * 2**failures, 5.0))
                 continue
-            if sent == 0:
-                self._wake.clear()
+            # A short batch took every message that was due: read again only when woken
+            # (or at the poll, for retries coming due and other replicas' leftovers), not
+            # at once for nothing, which cost a lone request a transaction of its own.
+            if sent < RELAY_BATCH:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(RELAY_POLL_SECONDS):
                         await self._wake.wait()
