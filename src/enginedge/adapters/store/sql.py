@@ -12,7 +12,18 @@ from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Select, bindparam, delete, func, insert, or_, select, tuple_, update
+from sqlalchemy import (
+    Integer,
+    Select,
+    bindparam,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -144,6 +155,40 @@ _SAVE_STATE = (
 )
 
 
+# The hot path's statements are built once, with their values bound at execution: building
+# one with SQLAlchemy costs 50 to 200 µs of Python, which a lone request paid every time.
+_LOCK_REQUESTS = (
+    _request_select()
+    .where(t.requests.c.id.in_(bindparam("ids", expanding=True)))
+    # One order for every replica, so that two batches never wait on each other's rows.
+    .order_by(t.requests.c.id)
+)
+_LOCK_REQUESTS_FOR_UPDATE = _LOCK_REQUESTS.with_for_update(of=t.requests)
+_CLAIM_OUTBOX = (
+    select(t.outbox)
+    .where(t.outbox.c.available_at <= bindparam("now"))
+    .order_by(t.outbox.c.id)
+    .limit(bindparam("limit", type_=Integer))
+)
+_CLAIM_OUTBOX_SKIP_LOCKED = _CLAIM_OUTBOX.with_for_update(skip_locked=True)
+_DELETE_OUTBOX = delete(t.outbox).where(t.outbox.c.id.in_(bindparam("ids", expanding=True)))
+_MARK_DISPATCHED = (
+    update(t.requests)
+    .where(
+        t.requests.c.status == RequestStatus.PENDING.value,
+        tuple_(t.requests.c.id, t.requests.c.attempts).in_(
+            bindparam("pending_attempts", expanding=True)
+        ),
+    )
+    .values(
+        status=RequestStatus.DISPATCHED.value,
+        dispatched_at=bindparam("now"),
+        updated_at=bindparam("now"),
+    )
+    .returning(*t.requests.c)
+)
+
+
 def _result_values(result: Result) -> dict[str, Any]:
     return {
         "id": result.id,
@@ -220,13 +265,9 @@ class SqlTransaction:
     async def lock_requests(self, request_ids: Sequence[uuid.UUID]) -> list[Request]:
         if not request_ids:
             return []
-        # One order for every replica, so that two batches never wait on each other's rows.
-        query = (
-            _request_select()
-            .where(t.requests.c.id.in_(sorted(set(request_ids))))
-            .order_by(t.requests.c.id)
-        )
-        return await self._requests(self._locked(query))
+        query = _LOCK_REQUESTS_FOR_UPDATE if self._postgres else _LOCK_REQUESTS
+        rows = await self._conn.execute(query, {"ids": sorted(set(request_ids))})
+        return [_to_request(row) for row in rows]
 
     async def save_requests(self, requests: Sequence[Request]) -> None:
         if requests:
@@ -259,14 +300,7 @@ class SqlTransaction:
         )
 
     async def claim_outbox(self, now: datetime, limit: int) -> list[OutboxMessage]:
-        query = (
-            select(t.outbox)
-            .where(t.outbox.c.available_at <= now)
-            .order_by(t.outbox.c.id)
-            .limit(limit)
-        )
-        if self._postgres:
-            query = query.with_for_update(skip_locked=True)
+        query = _CLAIM_OUTBOX_SKIP_LOCKED if self._postgres else _CLAIM_OUTBOX
         return [
             OutboxMessage(
                 id=row.id,
@@ -278,24 +312,18 @@ class SqlTransaction:
                 request_id=row.request_id,
                 attempt=row.attempt,
             )
-            for row in await self._conn.execute(query)
+            for row in await self._conn.execute(query, {"now": now, "limit": limit})
         ]
 
     async def delete_outbox(self, ids: Sequence[int]) -> None:
         if ids:
-            await self._conn.execute(delete(t.outbox).where(t.outbox.c.id.in_(ids)))
+            await self._conn.execute(_DELETE_OUTBOX, {"ids": list(ids)})
 
     async def mark_dispatched(
         self, attempts: Sequence[tuple[uuid.UUID, int]], now: datetime
     ) -> list[Request]:
         rows = await self._conn.execute(
-            update(t.requests)
-            .where(
-                t.requests.c.status == RequestStatus.PENDING.value,
-                tuple_(t.requests.c.id, t.requests.c.attempts).in_(list(attempts)),
-            )
-            .values(status=RequestStatus.DISPATCHED.value, dispatched_at=now, updated_at=now)
-            .returning(*t.requests.c)
+            _MARK_DISPATCHED, {"pending_attempts": list(attempts), "now": now}
         )
         return [_to_request(row) for row in rows]
 
