@@ -628,6 +628,32 @@ async def test_events_tell_pending_first_when_the_relay_is_quicker(svc: Running)
     assert statuses == ["PENDING", "DISPATCHED", "PROCESSING", "COMPLETED"]
 
 
+async def test_a_request_accepted_while_the_relay_reads_is_not_left_for_the_poll(
+    svc: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A request committed while the relay reads the outbox may miss that read; its wake-up
+    # then comes while the relay is busy, and must not be lost: the relay reads again at
+    # once instead of sleeping until its poll. Made certain here: the read that the request
+    # wakes hides its message and wakes the relay again, as that late request would.
+    monkeypatch.setattr("enginedge.service.RELAY_POLL_SECONDS", 60.0)
+    ctx = svc.service.ctx
+    hidden: list[int] = []
+
+    async def claim_outbox(real: Any, now: Any, limit: int) -> Any:
+        pending = await real(now, limit)
+        if pending and not hidden:
+            hidden.append(len(pending))
+            ctx.wake_relay()
+            return []
+        return pending
+
+    ctx.store = SpiedStore(ctx.store, claim_outbox=claim_outbox)  # type: ignore[assignment]
+    rid = (await svc.submit("test.echo", {"x": 1})).json()["requestId"]
+    final = await svc.wait_terminal(rid, timeout=10)
+    assert hidden == [1]
+    assert final["status"] == "COMPLETED"
+
+
 async def test_shutdown_answers_waiting_callers_at_once(svc: Running, probe: Probe) -> None:
     # uvicorn waits for open requests before the app hears of a shutdown: long-polling
     # callers must be answered then (as if their wait ran out), not held until uvicorn's
