@@ -164,6 +164,8 @@ _LOCK_REQUESTS = (
     .order_by(t.requests.c.id)
 )
 _LOCK_REQUESTS_FOR_UPDATE = _LOCK_REQUESTS.with_for_update(of=t.requests)
+# A status read of a request that is still running (finished ones come from the cache).
+_GET_REQUEST = _request_select().where(t.requests.c.id == bindparam("request_id"))
 _CLAIM_OUTBOX = (
     select(t.outbox)
     .where(t.outbox.c.available_at <= bindparam("now"))
@@ -415,13 +417,13 @@ class SqlStore:
                     await conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
                 yield SqlTransaction(conn)
 
-    async def _fetch(self, query: Select[Any]) -> list[Any]:
+    async def _fetch(self, query: Select[Any], params: dict[str, Any] | None = None) -> list[Any]:
         with unavailable_on_error():
             async with self.engine.connect() as conn:
-                return list(await conn.execute(query))
+                return list(await conn.execute(query, params))
 
     async def get_request(self, request_id: uuid.UUID) -> Request | None:
-        rows = await self._fetch(_request_select().where(t.requests.c.id == request_id))
+        rows = await self._fetch(_GET_REQUEST, {"request_id": request_id})
         return _to_request(rows[0]) if rows else None
 
     async def list_requests(self, query: RequestQuery) -> list[Request]:
