@@ -96,6 +96,7 @@ def serve(
     from enginedge.adapters.telemetry.logging import configure_logging
     from enginedge.bootstrap import StartupError, preflight
     from enginedge.entrypoints.asgi import build_app
+    from enginedge.entrypoints.collector import settle_for_service
 
     settings = _settings()
     configure_logging(settings.log_level)
@@ -124,6 +125,7 @@ def serve(
         server_header=False,
     )
     server = Server(config, on_shutdown=fastapi_app.state.service.begin_shutdown)
+    settle_for_service()
     # Uvicorn shuts down gracefully on SIGTERM/SIGINT, then raises the signal again against
     # the handler it found: with these no-op handlers, a graceful shutdown exits 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -148,6 +150,7 @@ def worker(
     ] = None,
 ) -> None:
     from enginedge.adapters.telemetry.logging import configure_logging
+    from enginedge.entrypoints.collector import settle_for_service
     from enginedge.entrypoints.worker_process import run_worker
     from enginedge.worker.builtin import builtin_app
 
@@ -160,6 +163,7 @@ def worker(
             _fail("--id must be a UUID", EXIT_USAGE)
     try:
         app_ = builtin_app(worker_type, settings, capacity)
+        settle_for_service()
         asyncio.run(run_worker(app_, settings, worker_id))
     except ConfigError as exc:
         _fail(str(exc), EXIT_USAGE)
