@@ -407,7 +407,8 @@ VARIABLES: tuple[Variable, ...] = (
         "event_retention",
         "3600",
         _positive_float,
-        "seconds a finished request's events stay available to SSE clients",
+        "seconds a finished request's events stay available to SSE clients (in embedded "
+        "mode, for the 2,000 most recently finished requests)",
     ),
 )
 
