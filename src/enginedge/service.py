@@ -128,7 +128,7 @@ class Service:
                 self._consumer.cancel()
                 await asyncio.gather(self._consumer, return_exceptions=True)
         with contextlib.suppress(Exception):
-            while await relay_outbox(self.ctx):
+            while await relay_outbox(self.ctx, RELAY_BATCH):
                 pass
         for task in self._tasks:
             task.cancel()

@@ -90,8 +90,8 @@ def finished(ctx: Context, request: Request) -> None:
         ctx.observe_duration(request.task_type, request.processing_time_ms / 1000)
 
 
-async def relay_outbox(ctx: Context, batch_size: int = 500) -> int:
-    """Publish due outbox messages; return how many were sent.
+async def relay_outbox(ctx: Context, batch_size: int) -> int:
+    """Publish up to ``batch_size`` due outbox messages; return how many were sent.
 
     The messages are deleted and their requests marked DISPATCHED only after the bus has
     taken them, in the same transaction that claimed them: a crash in between publishes

@@ -27,6 +27,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.sql.expression import Executable
 
 from enginedge.adapters.store import tables as t
 from enginedge.adapters.store.migrate import alembic_version
@@ -234,8 +235,10 @@ class SqlTransaction:
             return query
         return query.with_for_update(of=t.requests, skip_locked=skip_locked)
 
-    async def _requests(self, query: Select[Any]) -> list[Request]:
-        return [_to_request(row) for row in await self._conn.execute(query)]
+    async def _requests(
+        self, query: Executable, params: dict[str, Any] | None = None
+    ) -> list[Request]:
+        return [_to_request(row) for row in await self._conn.execute(query, params)]
 
     async def add_requests(self, requests: Sequence[Request]) -> None:
         if not requests:
@@ -268,8 +271,7 @@ class SqlTransaction:
         if not request_ids:
             return []
         query = _LOCK_REQUESTS_FOR_UPDATE if self._postgres else _LOCK_REQUESTS
-        rows = await self._conn.execute(query, {"ids": sorted(set(request_ids))})
-        return [_to_request(row) for row in rows]
+        return await self._requests(query, {"ids": sorted(set(request_ids))})
 
     async def save_requests(self, requests: Sequence[Request]) -> None:
         if requests:
@@ -324,10 +326,9 @@ class SqlTransaction:
     async def mark_dispatched(
         self, attempts: Sequence[tuple[uuid.UUID, int]], now: datetime
     ) -> list[Request]:
-        rows = await self._conn.execute(
+        return await self._requests(
             _MARK_DISPATCHED, {"pending_attempts": list(attempts), "now": now}
         )
-        return [_to_request(row) for row in rows]
 
     async def lock_overdue(self, now: datetime, limit: int) -> list[Request]:
         return await self._requests(
