@@ -45,7 +45,10 @@ class KafkaSettings:
     client_id: str = "enginedge"
     # Milliseconds a fetch may wait for data; short keeps dispatch latency low.
     fetch_max_wait_ms: int = 10
-    linger_ms: int = 1
+    # No linger: a lone message goes out at once. Messages still share produce requests under
+    # load, because aiokafka keeps one request in flight per broker and batches what is sent
+    # meanwhile, and the relay sends its whole batch before yielding.
+    linger_ms: int = 0
 
     def common(self) -> dict[str, Any]:
         options: dict[str, Any] = {"bootstrap_servers": self.brokers, "client_id": self.client_id}
