@@ -112,3 +112,59 @@ async def test_a_batch_whose_commit_fails_is_told_once_per_request(
             history = await ctx.events.history(uuid.UUID(rid), None)
             statuses = [e.data["status"] for e in history if e.type == "status"]
             assert statuses.count("PENDING") == 1, statuses
+
+
+async def test_only_the_relays_commit_skips_the_wal_flush(pg_url: str, tmp_path: Path) -> None:
+    # SPEC §4: a request is answered after a durable commit, and an outcome is recorded in
+    # one. Only the relay's bookkeeping may commit without waiting for the WAL flush (lost,
+    # it sends its messages again), and it asks for that after its statements, not before:
+    # its first statement is on the way of every dispatch.
+    from sqlalchemy import event
+
+    settings = fast_settings(tmp_path, pg_url)
+    async with run_service(settings, [worker_for_tests(Probe())]) as svc:
+        engine = svc.service.ctx.store.engine.sync_engine  # type: ignore[attr-defined]
+        open_: dict[int, list[str]] = {}
+        committed: list[list[str]] = []
+
+        def begin(conn: Any) -> None:
+            open_[id(conn)] = []
+
+        def execute(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+            open_.setdefault(id(conn), []).append(statement)
+
+        def commit(conn: Any) -> None:
+            committed.append(open_.pop(id(conn), []))
+
+        event.listen(engine, "begin", begin)
+        event.listen(engine, "before_cursor_execute", execute)
+        event.listen(engine, "commit", commit)
+        try:
+            rid = (await svc.submit("test.echo", {"x": 1})).json()["requestId"]
+            final = await svc.wait_terminal(rid)
+        finally:
+            event.remove(engine, "begin", begin)
+            event.remove(engine, "before_cursor_execute", execute)
+            event.remove(engine, "commit", commit)
+    assert final["status"] == "COMPLETED"
+
+    def kind(statements: list[str]) -> str:
+        text = " ".join(statements)
+        for marker, name in (
+            ("INSERT INTO requests ", "accept"),
+            ("DELETE FROM outbox", "relay"),
+            ("INSERT INTO request_results", "outcome"),
+        ):
+            if marker in text:
+                return name
+        return "other"
+
+    by_kind: dict[str, list[list[str]]] = {}
+    for statements in committed:
+        by_kind.setdefault(kind(statements), []).append(statements)
+    assert {"accept", "relay", "outcome"} <= set(by_kind), list(by_kind)
+    for durable in by_kind["accept"] + by_kind["outcome"]:
+        assert not any("synchronous_commit" in s for s in durable), durable
+    for relay in by_kind["relay"]:
+        relaxed = [i for i, s in enumerate(relay) if "synchronous_commit" in s]
+        assert relaxed == [len(relay) - 1], relay

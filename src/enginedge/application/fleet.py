@@ -78,11 +78,12 @@ async def record_results(
                     done.append(request)
         await tx.save_requests(list(changed.values()))
         await tx.add_results([Result.of(r, now) for r in done])
-    # Callers waiting on the outcome read it as soon as its event is out: from the cache
-    # (so before the event), not the store; those of this replica are handed it.
-    await ctx.request_cache.put_all(done)
+    # Callers of this replica are handed the outcome (first: their answers need no cache);
+    # others read it as soon as its event is out, from the cache (so filled before the
+    # event), not the store.
     for request in done:
         finished(ctx, request)
+    await ctx.request_cache.put_all(done)
     await ctx.events.append_all(events)
     return refused
 

@@ -411,12 +411,13 @@ class SqlStore:
             unavailable_on_error(),
         ):
             async with self.engine.begin() as conn:
+                yield SqlTransaction(conn)
                 if not durable and conn.dialect.name == "postgresql":
                     # The commit returns without waiting for its WAL flush (the next durable
-                    # commit flushes it). SQLite has no per-transaction setting: it stays
-                    # durable.
+                    # commit flushes it). Set at the end, where only the commit needs it: the
+                    # relay's first statements are on the way of every dispatch. SQLite has
+                    # no per-transaction setting: it stays durable.
                     await conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
-                yield SqlTransaction(conn)
 
     async def _fetch(self, query: Select[Any], params: dict[str, Any] | None = None) -> list[Any]:
         with unavailable_on_error():
