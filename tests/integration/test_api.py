@@ -7,6 +7,7 @@ and in-process workers (the built-in data-processing one and SDK-written test wo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import statistics
 import uuid
 from collections.abc import AsyncIterator
@@ -652,6 +653,40 @@ async def test_a_request_accepted_while_the_relay_reads_is_not_left_for_the_poll
     final = await svc.wait_terminal(rid, timeout=10)
     assert hidden == [1]
     assert final["status"] == "COMPLETED"
+
+
+async def test_a_waiting_caller_is_answered_before_the_cache_is_filled(svc: Running) -> None:
+    # A caller waiting on the replica that records the outcome is handed it: its answer
+    # must not wait for the request cache (a Redis round trip in distributed mode), which
+    # only callers on other replicas need. Here the cache is held until the answer came.
+    cache = svc.service.ctx.request_cache
+    answered = asyncio.Event()
+    held: list[bool] = []
+
+    class HeldCache:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(cache, name)
+
+        async def put_all(self, requests: Any) -> None:
+            if any(r.task_type == "test.echo" for r in requests):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(answered.wait(), 5)
+                held.append(answered.is_set())
+            await cache.put_all(requests)
+
+    svc.service.ctx.request_cache = HeldCache()  # type: ignore[assignment]
+    async with httpx.AsyncClient(base_url=svc.url, headers=H, timeout=30) as client:
+        response = await client.post(
+            "/api/orchestrate?wait=10", json={"taskType": "test.echo", "payload": {"x": 1}}
+        )
+        answered.set()
+    assert (response.status_code, response.json()["status"]) == (200, "COMPLETED")
+
+    async def cache_filled() -> bool:
+        return bool(held)
+
+    await until("the outcome put in the cache", cache_filled)
+    assert held == [True]
 
 
 async def test_shutdown_answers_waiting_callers_at_once(svc: Running, probe: Probe) -> None:
