@@ -99,3 +99,51 @@ async def test_finished_requests_are_announced_to_other_replicas(
     assert 0 < await clients[0].ttl(f"enginedge:events:{done}") <= 60
     await writer.append(status(uuid.uuid4(), "PENDING"))
     await feed.aclose()
+
+
+async def test_a_batch_of_events_lands_in_order_with_each_streams_expiry(
+    clients: list[aioredis.Redis],
+) -> None:
+    events = r.RedisEventStream(clients[0], clients[2], 60)
+    done, running = uuid.uuid4(), uuid.uuid4()
+    await events.append_all(
+        [
+            status(done, "PENDING"),
+            status(running, "PENDING"),
+            RequestEvent(request_id=done, type="progress", data={"percent": 50}),
+            status(done, "COMPLETED"),
+            status(running, "DISPATCHED"),
+        ]
+    )
+    told = await events.history(done, None)
+    assert [(e.type, e.data) for e in told] == [
+        ("status", {"status": "PENDING"}),
+        ("progress", {"percent": 50}),
+        ("status", {"status": "COMPLETED"}),
+    ]
+    # Entry ids are the SSE ids: a client resumes after any of them.
+    assert [e.data for e in await events.history(done, told[0].id)] == [
+        {"percent": 50},
+        {"status": "COMPLETED"},
+    ]
+    # The finished request's stream goes after the retention, the running one's in a day.
+    assert 0 < await clients[0].ttl(f"enginedge:events:{done}") <= 60
+    assert 3600 < await clients[0].ttl(f"enginedge:events:{running}") <= 86_400
+    # One event alone is told with its id.
+    appended = await events.append(status(running, "COMPLETED"))
+    assert [e.id for e in await events.history(running, None)][-1] == appended.id
+
+
+async def test_events_are_still_appended_after_redis_forgot_its_scripts(
+    clients: list[aioredis.Redis],
+) -> None:
+    # A restarted Redis has no scripts loaded: the append loads its script again.
+    events = r.RedisEventStream(clients[0], clients[2], 60)
+    request_id = uuid.uuid4()
+    await events.append(status(request_id, "PENDING"))
+    await clients[0].script_flush()
+    await events.append(status(request_id, "DISPATCHED"))
+    assert [e.data["status"] for e in await events.history(request_id, None)] == [
+        "PENDING",
+        "DISPATCHED",
+    ]

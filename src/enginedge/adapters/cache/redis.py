@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -152,6 +153,25 @@ class RedisRegistry:
         return [worker_from_json(v) for v in values if v is not None]
 
 
+# A batch of events in one script call: each event's XADD to its request's stream (trimmed
+# to about ARGV[1] entries) and, when given, the stream's new expiry; then the announcement of
+# the requests that finished (ARGV[3], comma-separated) on the channel ARGV[2]. The same
+# commands as a pipeline cost redis-py three times the CPU (34 against 12 µs per event):
+# it packs and parses every command, here one. Returns the entries' ids, in order.
+_APPEND_EVENTS = """
+local ids = {}
+for i = 1, #KEYS do
+  local at = 3 + (i - 1) * 3
+  ids[i] = redis.call('XADD', KEYS[i], 'MAXLEN', '~', ARGV[1], '*',
+                      'type', ARGV[at + 1], 'data', ARGV[at + 2])
+  local ttl = tonumber(ARGV[at + 3])
+  if ttl > 0 then redis.call('EXPIRE', KEYS[i], ttl) end
+end
+if ARGV[3] ~= '' then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
+return ids
+"""
+
+
 class RedisEventStream:
     """Request events in Redis streams: any replica appends, any replica's SSE client reads."""
 
@@ -160,7 +180,10 @@ class RedisEventStream:
     ) -> None:
         self._r = client
         self._blocking = blocking
-        self._retention = int(retention_seconds)
+        # Whole seconds, at least one: an expiry of 0 would leave the stream as it was.
+        self._retention = max(1, math.ceil(retention_seconds))
+        # EVALSHA, loading the script again if Redis lost it (a restart).
+        self._append_events = client.register_script(_APPEND_EVENTS)
 
     @staticmethod
     def _key(request_id: uuid.UUID) -> str:
@@ -186,26 +209,22 @@ class RedisEventStream:
     async def _write(self, events: Sequence[RequestEvent]) -> list[Any]:
         # One round trip for a batch; each stream still gets its events in order.
         finished: list[str] = []
-        async with self._r.pipeline(transaction=False) as pipe:
-            for event in events:
-                key = self._key(event.request_id)
-                status = event.data.get("status") if event.type == "status" else None
-                pipe.xadd(
-                    key,
-                    {"type": event.type, "data": orjson.dumps(event.data)},
-                    maxlen=MAX_EVENTS_PER_REQUEST,
-                    approximate=True,
-                )
-                # A stream lives for a day while its request runs, ``retention`` once it
-                # ended: set as the request starts (or starts again) and as it ends.
-                if status in TERMINAL_NAMES:
-                    pipe.expire(key, self._retention)
-                    finished.append(str(event.request_id))
-                elif status == "PENDING":
-                    pipe.expire(key, max(self._retention, 86_400))
-            if finished:
-                pipe.publish(FINISHED_CHANNEL, ",".join(finished))
-            replies: list[Any] = await pipe.execute()
+        keys: list[str] = []
+        args: list[Any] = [MAX_EVENTS_PER_REQUEST, FINISHED_CHANNEL, ""]
+        for event in events:
+            status = event.data.get("status") if event.type == "status" else None
+            # A stream lives for a day while its request runs, ``retention`` once it ended:
+            # set as the request starts (or starts again) and as it ends; 0 leaves it.
+            expiry = 0
+            if status in TERMINAL_NAMES:
+                expiry = self._retention
+                finished.append(str(event.request_id))
+            elif status == "PENDING":
+                expiry = max(self._retention, 86_400)
+            keys.append(self._key(event.request_id))
+            args += [event.type, orjson.dumps(event.data), expiry]
+        args[2] = ",".join(finished)
+        replies: list[Any] = await self._append_events(keys=keys, args=args)
         return replies
 
     async def finished_feed(self) -> AsyncIterator[Sequence[uuid.UUID] | None]:
