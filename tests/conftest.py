@@ -1,8 +1,10 @@
-"""Shared fixtures: the real PostgreSQL server (and a PgBouncer in front of it), and one
-fresh database per test."""
+"""Shared fixtures: the real PostgreSQL server (and a PgBouncer in front of it), one fresh
+database per test, and the service's JSON log lines."""
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractContextManager
@@ -12,6 +14,7 @@ import asyncpg
 import pytest
 from sqlalchemy.engine import make_url
 
+from enginedge.adapters.telemetry.logging import configure_logging
 from tests.support.harness import unique
 from tests.support.servers import (
     PGBOUNCER_MISSING,
@@ -104,3 +107,17 @@ def broker() -> Iterator[str]:
 def redis_url() -> Iterator[str]:
     """A fresh Redis for the test (or TEST_REDIS_URL)."""
     yield from _server_or_env("TEST_REDIS_URL", redis_server, "redis://127.0.0.1:{port}/0")
+
+
+@pytest.fixture
+def log_lines() -> Iterator[io.StringIO]:
+    """What the service logs during the test, as it renders it (JSON lines at info)."""
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    stream = io.StringIO()
+    configure_logging("info", stream)
+    try:
+        yield stream
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
