@@ -210,7 +210,7 @@ class RedisEventStream:
         # One round trip for a batch; each stream still gets its events in order.
         finished: list[str] = []
         keys: list[str] = []
-        args: list[Any] = [MAX_EVENTS_PER_REQUEST, FINISHED_CHANNEL, ""]
+        per_event: list[Any] = []
         for event in events:
             status = event.data.get("status") if event.type == "status" else None
             # A stream lives for a day while its request runs, ``retention`` once it ended:
@@ -222,8 +222,8 @@ class RedisEventStream:
             elif status == "PENDING":
                 expiry = max(self._retention, 86_400)
             keys.append(self._key(event.request_id))
-            args += [event.type, orjson.dumps(event.data), expiry]
-        args[2] = ",".join(finished)
+            per_event += [event.type, orjson.dumps(event.data), expiry]
+        args = [MAX_EVENTS_PER_REQUEST, FINISHED_CHANNEL, ",".join(finished), *per_event]
         replies: list[Any] = await self._append_events(keys=keys, args=args)
         return replies
 
