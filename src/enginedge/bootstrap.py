@@ -7,9 +7,11 @@ Each backing service is chosen by its own variable (SPEC §1): ``DATABASE_URL`` 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from enginedge.adapters.bus.inprocess import InProcessBus
 from enginedge.adapters.bus.kafka import KafkaBus, KafkaSettings
@@ -36,6 +38,7 @@ from enginedge.adapters.store.engine import (
     create_engine,
     create_sqlite_reader,
 )
+from enginedge.adapters.store.memory import MemoryStore
 from enginedge.adapters.store.migrate import head_revision, upgrade
 from enginedge.adapters.store.replica import ReplicaReader
 from enginedge.adapters.store.sql import SqlStore
@@ -46,6 +49,7 @@ from enginedge.application.context import Context, Policy
 from enginedge.application.inbox import ORCHESTRATOR_TOPICS
 from enginedge.application.ports import (
     Cache,
+    Clock,
     EventStream,
     MessageBus,
     RateLimiter,
@@ -54,8 +58,8 @@ from enginedge.application.ports import (
     WorkerRegistry,
 )
 from enginedge.config import Settings
-from enginedge.domain.messages import CONTROL_TOPIC, dlq_topic, requests_topic
-from enginedge.domain.tasks import BUILTIN_TASKS
+from enginedge.domain.messages import CONTROL_TOPIC, DISPATCH_DLQ_TOPIC, dlq_topic
+from enginedge.domain.scheduling import SchedulingRules
 from enginedge.service import Job, Service
 from enginedge.worker import WorkerApp
 from enginedge.worker.builtin import builtin_app
@@ -71,11 +75,15 @@ def policy_from(settings: Settings) -> Policy:
         request_timeout=timedelta(seconds=settings.request_timeout),
         max_attempts=settings.max_attempts,
         heartbeat_ttl=timedelta(seconds=settings.worker_heartbeat_ttl),
-        dispatch_timeout=timedelta(seconds=settings.dispatch_timeout),
         retry_backoff=timedelta(seconds=settings.retry_backoff),
         rate_limit=settings.rate_limit_requests,
         rate_limit_window_seconds=settings.rate_limit_window,
         worker_check_timeout=settings.worker_health_check_timeout,
+        scheduling=SchedulingRules(
+            aging=timedelta(seconds=settings.priority_aging),
+            tenant_max_running=settings.tenant_max_running,
+        ),
+        tenant_max_queued=settings.tenant_max_queued,
     )
 
 
@@ -112,9 +120,8 @@ def builtin_worker_apps(settings: Settings) -> list[WorkerApp]:
 
 def orchestrator_topics() -> list[str]:
     """Every topic the orchestrator produces to or consumes, created at start-up."""
-    worker_types = {task.worker_type for task in BUILTIN_TASKS.values()}
-    topics = [*ORCHESTRATOR_TOPICS, CONTROL_TOPIC, *map(requests_topic, sorted(worker_types))]
-    return topics + [dlq_topic(t) for t in topics]
+    topics = [*ORCHESTRATOR_TOPICS, CONTROL_TOPIC]
+    return [*topics, *map(dlq_topic, topics), DISPATCH_DLQ_TOPIC]
 
 
 @dataclass
@@ -155,6 +162,25 @@ def create_cache(settings: Settings, store: SqlStore) -> CacheAdapters:
         request_cache=FallbackRequestCache(r.RedisRequestCache(client)),
         closers=[client.aclose, blocking.aclose],
     )
+
+
+def memory_context(clock: Clock, policy: Policy | None = None, **overrides: Any) -> Context:
+    """The use cases wired to adapters that live in memory (the store too), on ``clock``:
+    what tests of the application's rules run against. Any port can be replaced by its
+    field name (``store=...``, ``bus=...``)."""
+    ctx = Context(
+        store=MemoryStore(),
+        bus=InProcessBus(),
+        registry=InProcessRegistry(),
+        events=InProcessEventStream(retention_seconds=3600),
+        limiter=InProcessRateLimiter(),
+        cache=InProcessCache(),
+        request_cache=InProcessRequestCache(),
+        metrics=PrometheusMetrics(),
+        clock=clock,
+        policy=policy or Policy(),
+    )
+    return dataclasses.replace(ctx, **overrides) if overrides else ctx
 
 
 def _async(call: Callable[[], None]) -> Job:

@@ -15,6 +15,8 @@ from typing import Any
 
 from sqlalchemy.engine import make_url
 
+from enginedge.application.tenancy import NAME_PATTERN, TENANT_PATTERN
+
 
 class ConfigError(ValueError):
     """A bad or missing configuration value; the message names the variable."""
@@ -31,6 +33,13 @@ def _non_negative_int(value: str) -> int:
     number = int(value)
     if number < 0:
         raise ValueError("must be zero or a positive whole number")
+    return number
+
+
+def _non_negative_float(value: str) -> float:
+    number = float(value)
+    if not number >= 0:
+        raise ValueError("must be zero or a positive number")
     return number
 
 
@@ -85,13 +94,84 @@ def _brokers(value: str) -> str:
     return value
 
 
-def _keys(value: str) -> str:
-    keys = [k.strip() for k in value.split(",") if k.strip()]
-    if not keys:
+def split_key_entry(entry: str) -> tuple[str | None, str]:
+    """An entry of ``API_KEYS`` / ``ADMIN_API_KEYS``: ``name:key`` when the part before the
+    first ``:`` looks like a name (lowercase letters, digits, ``.``, ``_``, ``-``, at most 63,
+    starting with a letter or digit), else the whole entry is the key, unnamed."""
+    name, sep, key = entry.partition(":")
+    if sep and NAME_PATTERN.fullmatch(name):
+        return name, key
+    return None, entry
+
+
+def key_entries(value: str) -> list[tuple[str | None, str]]:
+    """The ``(name, key)`` pairs of a comma-separated list of keys, each checked; a
+    ``ValueError`` says what is wrong by entry number and name, never showing a key."""
+    entries: list[tuple[str | None, str]] = []
+    names: dict[str, tuple[int, str]] = {}
+    keys: dict[str, tuple[int, str | None]] = {}
+    raw = [e.strip() for e in value.split(",") if e.strip()]
+    if not raw:
         raise ValueError("must hold at least one key")
-    if any(len(k) < 8 for k in keys):
-        raise ValueError("each key must have at least 8 characters")
-    return ",".join(keys)
+    for number, entry in enumerate(raw, 1):
+        if entry.startswith(":"):
+            raise ValueError(f"entry {number}: the name before ':' is empty")
+        name, key = split_key_entry(entry)
+        which = f"entry {number}" + (f" ({name})" if name else "")
+        if name is not None and TENANT_PATTERN.fullmatch(name):
+            raise ValueError(
+                f"entry {number}: a name must not be 16 hex digits (it reads as a tenant hash)"
+            )
+        if not key:
+            raise ValueError(f"{which}: the key after ':' is empty")
+        if len(key) < 8:
+            raise ValueError(f"{which}: each key must have at least 8 characters")
+        if name is not None and name in names and names[name][1] != key:
+            raise ValueError(f"entries {names[name][0]} and {number}: two keys named {name!r}")
+        if key in keys and name is not None and keys[key][1] not in (None, name):
+            raise ValueError(f"entries {keys[key][0]} and {number}: one key with two names")
+        if name is not None:
+            names.setdefault(name, (number, key))
+        if key not in keys or keys[key][1] is None:
+            keys[key] = (number, name)
+        entries.append((name, key))
+    return entries
+
+
+def _keys(value: str) -> str:
+    key_entries(value)
+    return ",".join(e.strip() for e in value.split(",") if e.strip())
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """A key the service accepts, the name its operator gave it, and whether it is an
+    operator's (``ADMIN_API_KEYS``)."""
+
+    key: str = field(repr=False)
+    name: str | None = None
+    admin: bool = False
+
+
+def merge_keys(api_keys: str | None, admin_api_keys: str | None) -> list[ApiKey]:
+    """Every accepted key once: those of ``API_KEYS`` and of ``ADMIN_API_KEYS`` (operator
+    keys, accepted whether or not ``API_KEYS`` repeats them). A ``ValueError`` if a key has
+    two names or a name two keys across the two lists."""
+    merged: dict[str, ApiKey] = {}
+    owners: dict[str, str] = {}
+    for value, admin in ((api_keys, False), (admin_api_keys, True)):
+        for name, key in key_entries(value) if value else []:
+            known = merged.get(key)
+            if known is not None and name and known.name and known.name != name:
+                raise ValueError(f"one key is named both {known.name!r} and {name!r}")
+            if name is not None and owners.setdefault(name, key) != key:
+                raise ValueError(f"two keys are named {name!r}")
+            merged[key] = ApiKey(
+                key,
+                name or (known.name if known else None),
+                admin or (known.admin if known else False),
+            )
+    return list(merged.values())
 
 
 def _bool(value: str) -> bool:
@@ -178,7 +258,7 @@ VARIABLES: tuple[Variable, ...] = (
         "kafka_partitions",
         "3",
         _positive_int,
-        "partitions of each topic the service creates",
+        "partitions of each topic the service or a worker creates (a worker: its inbox)",
     ),
     Variable("KAFKA_USERNAME", "kafka_username", None, str, "SASL user name for Kafka"),
     Variable("KAFKA_PASSWORD", "kafka_password", None, str, "SASL password for Kafka", secret=True),
@@ -195,7 +275,17 @@ VARIABLES: tuple[Variable, ...] = (
         "api_keys",
         None,
         _keys,
-        "comma-separated API keys; unset in development: one is generated",
+        "comma-separated API keys, each a tenant, optionally named as name:key; unset "
+        "(and ADMIN_API_KEYS unset) in development: an operator key is generated",
+        secret=True,
+    ),
+    Variable(
+        "ADMIN_API_KEYS",
+        "admin_api_keys",
+        None,
+        _keys,
+        "comma-separated operator keys (name:key like API_KEYS, valid keys even if not in "
+        "API_KEYS): they see and cancel every tenant's requests",
         secret=True,
     ),
     Variable(
@@ -234,12 +324,26 @@ VARIABLES: tuple[Variable, ...] = (
         "seconds without a heartbeat after which a worker is UNHEALTHY",
     ),
     Variable(
-        "DISPATCH_TIMEOUT",
-        "dispatch_timeout",
-        "60",
-        _positive_float,
-        "seconds a dispatched request may wait for a worker to start it before it is "
-        "sent again (only while every worker of its type is idle)",
+        "PRIORITY_AGING",
+        "priority_aging",
+        "5",
+        _non_negative_float,
+        "seconds of waiting that lift a request's band one priority level, so that low "
+        "priority is never starved (0: no aging)",
+    ),
+    Variable(
+        "TENANT_MAX_RUNNING",
+        "tenant_max_running",
+        None,
+        _positive_int,
+        "requests of one API key running at once; beyond it they wait (unset: no limit)",
+    ),
+    Variable(
+        "TENANT_MAX_QUEUED",
+        "tenant_max_queued",
+        None,
+        _positive_int,
+        "requests of one API key waiting; beyond it a submit answers 429 (unset: no limit)",
     ),
     Variable(
         "MAX_ATTEMPTS",
@@ -439,12 +543,15 @@ class Settings:
     kafka_password: str | None = None
     redis_url: str | None = None
     api_keys: str | None = None
+    admin_api_keys: str | None = None
     request_timeout: float = 300
     health_check_interval: float = 30
     worker_health_check_timeout: float = 10
     worker_heartbeat_interval: float = 5
     worker_heartbeat_ttl: float = 15
-    dispatch_timeout: float = 60
+    priority_aging: float = 5
+    tenant_max_running: int | None = None
+    tenant_max_queued: int | None = None
     max_attempts: int = 3
     retry_backoff: float = 1
     rate_limit_requests: int = 6000
@@ -469,7 +576,13 @@ class Settings:
 
     @property
     def api_key_list(self) -> list[str]:
-        return self.api_keys.split(",") if self.api_keys else []
+        """The keys of ``API_KEYS``, without their names."""
+        return [key for _, key in key_entries(self.api_keys)] if self.api_keys else []
+
+    @property
+    def api_key_entries(self) -> list[ApiKey]:
+        """Every accepted key, ``API_KEYS`` and ``ADMIN_API_KEYS``, with names and roles."""
+        return merge_keys(self.api_keys, self.admin_api_keys)
 
     @property
     def builtin_worker_list(self) -> list[str]:
@@ -506,6 +619,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     if problems:
         raise ConfigError("invalid configuration: " + "; ".join(problems))
     settings = Settings(**values)
+    try:
+        settings.api_key_entries  # noqa: B018 - checks that the two lists agree
+    except ValueError as exc:
+        raise ConfigError(f"API_KEYS and ADMIN_API_KEYS: {exc}") from None
     if settings.database_read_url and not (
         settings.database_url and make_url(settings.database_url).get_backend_name() != "sqlite"
     ):
@@ -517,24 +634,29 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     return settings
 
 
-def ensure_api_keys(settings: Settings) -> tuple[list[str], str | None]:
+# The name of the generated development key, in logs and on the console.
+GENERATED_KEY_NAME = "dev"
+
+
+def ensure_api_keys(settings: Settings) -> tuple[list[ApiKey], str | None]:
     """The keys to accept, and a key generated for this data directory if none were given.
 
-    In development with no ``API_KEYS``, a key is generated once and kept in the data
-    directory (mode 0600), so the CLI on the same machine finds it and restarts keep it.
+    In development with neither ``API_KEYS`` nor ``ADMIN_API_KEYS``, a key is generated once
+    and kept in the data directory (mode 0600), so the CLI on the same machine finds it and
+    restarts keep it. It is an operator key: whoever runs the service sees everything.
     """
-    if settings.api_key_list:
-        return settings.api_key_list, None
+    if settings.api_key_entries:
+        return settings.api_key_entries, None
     path = generated_key_path(settings.data_dir)
     if path.exists():
         key = path.read_text().strip()
-        return [key], key
+        return [ApiKey(key, GENERATED_KEY_NAME, admin=True)], key
     path.parent.mkdir(parents=True, exist_ok=True)
     key = "edk_" + secrets.token_urlsafe(24)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as handle:
         handle.write(key + "\n")
-    return [key], key
+    return [ApiKey(key, GENERATED_KEY_NAME, admin=True)], key
 
 
 def generated_key_path(data_dir: Path) -> Path:

@@ -1,6 +1,6 @@
 """One orchestrator process at run time: its background loops around the use cases.
 
-Outbox relay, bus consumer, sweeper and any in-process workers. Every loop survives the
+Scheduler, outbox relay, bus consumer, sweeper and any in-process workers. Every loop survives the
 failure of a backing service: it logs, backs off and tries again, so the process recovers by
 itself when the service returns.
 """
@@ -28,6 +28,7 @@ from enginedge.application.inbox import (
 from enginedge.application.maintenance import recover_in_flight, sweep
 from enginedge.application.outbox import relay_outbox
 from enginedge.application.ports import BusMessage, Subscription
+from enginedge.application.scheduler import schedule
 from enginedge.domain.errors import ServiceUnavailable
 from enginedge.domain.messages import ORCHESTRATOR_GROUP, RESULTS_TOPIC
 from enginedge.worker import WorkerApp, WorkerRuntime
@@ -79,12 +80,15 @@ class Service:
     workers: list[WorkerRuntime] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _wake_scheduler: asyncio.Event = field(default_factory=asyncio.Event)
+    _scheduler: asyncio.Task[None] | None = None
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
     _consumer: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Reach and migrate the store, then start every loop and in-process worker."""
         self.ctx.wake_relay = self._wake.set
+        self.ctx.wake_scheduler = self._wake_scheduler.set
         self.ctx.started_at = self.ctx.clock.now()
         await self.prepare_store()
         # Subscribe before anything is published, so that no heartbeat or result is missed.
@@ -113,8 +117,11 @@ class Service:
         self.ctx.waiters.close()
 
     async def stop(self, grace: float = 10.0) -> None:
-        """Stop workers (draining them), let the consumer finish and commit its batch,
-        publish what the outbox holds, then close."""
+        """Stop scheduling, stop workers (draining them), let the consumer finish and commit
+        its batch, publish what the outbox holds, then close."""
+        if self._scheduler is not None:
+            self._scheduler.cancel()
+            await asyncio.gather(self._scheduler, return_exceptions=True)
         for runtime in self.workers:
             # Over the in-process bus, the restart gives what is left a new attempt
             # (recover_in_flight); giving it back now as well would cost it a second one.
@@ -178,7 +185,12 @@ class Service:
             await recover_in_flight(self.ctx)
 
         await retry_until_done("recovering in-flight requests", recover)
-        self._spawn("relay", self._relay())
+        self._spawn("relay", self._when_woken("outbox relay", self._wake, self._relay_once))
+        self._scheduler = asyncio.create_task(
+            self._when_woken("scheduler", self._wake_scheduler, self._schedule_once),
+            name="scheduler",
+        )
+        self._tasks.append(self._scheduler)
         self._spawn("sweeper", self._every(self.sweep_interval, self._sweep))
         self._spawn("worker-checks", self._every(self.health_check_interval, self._check))
         self._spawn("dead-letters", self._record_dead_letters())
@@ -199,27 +211,35 @@ class Service:
         await retry_until_done("subscribing to the dead-letter topics", subscribe)
         await record_dead_letters(self.ctx, subscriptions[0])
 
-    async def _relay(self) -> None:
+    async def _relay_once(self) -> bool:
+        # A full batch may have left due messages behind: read again at once.
+        return await relay_outbox(self.ctx, RELAY_BATCH) >= RELAY_BATCH
+
+    async def _schedule_once(self) -> bool:
+        return (await schedule(self.ctx)).more
+
+    async def _when_woken(
+        self, what: str, wake: asyncio.Event, job: Callable[[], Awaitable[bool]]
+    ) -> None:
+        """Run ``job`` whenever ``wake`` is set, at once again while it says there is more,
+        and at least every poll (for retries coming due and other replicas' leftovers)."""
         failures = 0
         while True:
-            # Cleared before the outbox is read, not after: a request accepted while the
-            # relay runs sets it again, so the relay never sleeps on a message it missed.
-            self._wake.clear()
+            # Cleared before the job reads, not after: whatever comes while it runs sets it
+            # again, so the loop never sleeps on work it missed.
+            wake.clear()
             try:
-                sent = await relay_outbox(self.ctx, RELAY_BATCH)
+                more = await job()
                 failures = 0
             except Exception as exc:
                 failures += 1
-                log.warning("outbox relay failed; will retry", extra=_error(exc))
+                log.warning(f"{what} failed; will retry", extra=_error(exc))
                 await asyncio.sleep(min(0.1 * 2**failures, 5.0))
                 continue
-            # A short batch took every message that was due: read again only when woken
-            # (or at the poll, for retries coming due and other replicas' leftovers), not
-            # at once for nothing, which cost a lone request a transaction of its own.
-            if sent < RELAY_BATCH:
+            if not more:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(RELAY_POLL_SECONDS):
-                        await self._wake.wait()
+                        await wake.wait()
 
     async def _consume(self, subscription: Subscription) -> None:
         while not self._stopping.is_set():

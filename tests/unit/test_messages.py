@@ -36,12 +36,23 @@ def test_round_trips() -> None:
         WID, "llm", "http://w:8080", ["llm.chat"], 4, 1, "HEALTHY", NOW, [str(uuid.uuid4())]
     )
     assert HeartbeatMessage.from_json(beat.to_json()) == beat
-    idle = HeartbeatMessage(
-        WID, "llm", "http://w:8080", ["llm.chat"], 4, 0, "HEALTHY", NOW, idle=True
+    reachable = HeartbeatMessage(
+        WID,
+        "llm",
+        "http://w:8080",
+        ["llm.chat"],
+        4,
+        0,
+        "HEALTHY",
+        NOW,
+        inbox="worker.llm.x.requests",
     )
-    assert orjson.loads(idle.to_json())["idle"] is True
-    assert HeartbeatMessage.from_json(idle.to_json()) == idle
-    assert "idle" not in orjson.loads(beat.to_json())  # only said when true
+    assert orjson.loads(reachable.to_json())["inbox"] == "worker.llm.x.requests"
+    assert HeartbeatMessage.from_json(reachable.to_json()) == reachable
+    assert "inbox" not in orjson.loads(beat.to_json())  # only said when there is one
+    bad_inbox = orjson.loads(reachable.to_json()) | {"inbox": "no spaces allowed"}
+    with pytest.raises(MalformedMessage, match="inbox"):
+        HeartbeatMessage.from_json(orjson.dumps(bad_inbox))
     gave_up = HeartbeatMessage(
         WID, "llm", "http://w:8080", ["llm.chat"], 4, 0, "UNHEALTHY", NOW, abandoned={RID: 2}
     )

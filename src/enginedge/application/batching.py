@@ -7,7 +7,7 @@ flush carries many. Every caller still returns only after its own request is com
 a 202 keeps meaning "durable".
 
 A batch's ``PENDING`` events are told inside its transaction, just before the commit: until
-the commit no relay can see its dispatches, so no later event of a request (``DISPATCHED``,
+the commit no scheduler can see its requests, so no later event of a request (``DISPATCHED``,
 the worker's) can reach its stream before the first one.
 """
 
@@ -18,17 +18,15 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 
-from enginedge.application.ports import OutboxMessage, RequestStore
+from enginedge.application.ports import RequestStore
 from enginedge.domain.model import Request
 
 log = logging.getLogger(__name__)
 MAX_BATCH = 256
 
-Entry = tuple[Request, list[OutboxMessage]]
-
 
 class RequestWriter:
-    """Writes new requests with their dispatches, many per transaction under load."""
+    """Writes new requests, many per transaction under load."""
 
     def __init__(
         self,
@@ -42,14 +40,14 @@ class RequestWriter:
         # Told each batch as it is about to commit (its events go out in one round trip).
         self._accepted = accepted
         self._max_batch = max_batch
-        self._waiting: list[tuple[Entry, asyncio.Future[None]]] = []
+        self._waiting: list[tuple[Request, asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
 
-    async def add(self, request: Request, outbox: list[OutboxMessage]) -> None:
-        """Return once ``request`` and its ``outbox`` messages are committed; raise what
-        writing it alone would have raised (e.g. ``IdempotencyKeyTaken``)."""
+    async def add(self, request: Request) -> None:
+        """Return once ``request`` is committed; raise what writing it alone would have
+        raised (e.g. ``IdempotencyKeyTaken``)."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiting.append(((request, outbox), done))
+        self._waiting.append((request, done))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write_all(), name="request-writer")
         await asyncio.shield(done)
@@ -78,15 +76,14 @@ class RequestWriter:
                 for _, done in batch:
                     _succeed(done)
 
-    async def _write(self, entries: list[Entry], told: set[uuid.UUID]) -> None:
+    async def _write(self, requests: list[Request], told: set[uuid.UUID]) -> None:
         async with self._store().transaction() as tx:
-            await tx.add_requests([request for request, _ in entries])
-            await tx.enqueue([m for _, outbox in entries for m in outbox])
+            await tx.add_requests(requests)
             # Once per request: a batch whose commit failed after its events went out is
             # written again one by one. (A request that then fails alone leaves a PENDING
             # event in a stream whose id no caller was given; it expires.)
-            await self._tell([r for r, _ in entries if r.id not in told])
-            told.update(r.id for r, _ in entries)
+            await self._tell([r for r in requests if r.id not in told])
+            told.update(r.id for r in requests)
 
     async def _tell(self, requests: list[Request]) -> None:
         if not requests:

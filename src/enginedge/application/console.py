@@ -25,6 +25,7 @@ from enginedge.application.ports import (
     RequestTiming,
     Subscription,
 )
+from enginedge.application.tenancy import Principal
 from enginedge.domain.errors import ServiceUnavailable
 from enginedge.domain.model import Worker, WorkerStatus
 
@@ -122,12 +123,14 @@ def summarize(
     return activity
 
 
-async def activity(ctx: Context, minutes: int) -> Activity:
-    """The last ``minutes`` of activity, read from the store's request timestamps."""
+async def activity(ctx: Context, minutes: int, viewer: Principal | None = None) -> Activity:
+    """The last ``minutes`` of activity, read from the store's request timestamps: of the
+    ``viewer``'s own requests only, unless it is an operator (or None)."""
     store = _require_store(ctx)
     now = ctx.clock.now()
     window = timedelta(minutes=minutes)
-    timings = await store.request_timings(now - window, MAX_TIMINGS)
+    scope = viewer.scope if viewer is not None else None
+    timings = await store.request_timings(now - window, MAX_TIMINGS, scope)
     result = summarize(timings, now, window)
     result.truncated = len(timings) >= MAX_TIMINGS
     # Every worker type of the fleet gets a series, idle ones too.
@@ -212,7 +215,12 @@ async def _backoff(what: str, exc: Exception, failures: int) -> int:
     return failures + 1
 
 
-async def dead_letters(ctx: Context, limit: int) -> list[DeadLetter]:
-    """The most recent dead letters, newest first."""
+async def dead_letters(
+    ctx: Context, limit: int, viewer: Principal | None = None
+) -> list[DeadLetter]:
+    """The most recent dead letters, newest first. Only operators (or no ``viewer``) see
+    them: a dead letter holds any tenant's message as it was sent."""
+    if viewer is not None and not viewer.admin:
+        return []
     store = _require_store(ctx)
     return await store.dead_letters(limit)

@@ -23,8 +23,10 @@ from enginedge.application.ports import (
     WorkerProber,
     WorkerRegistry,
 )
+from enginedge.application.tenancy import Tenants
 from enginedge.application.waiters import Waiters
 from enginedge.domain.model import Request
+from enginedge.domain.scheduling import SchedulingRules
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,13 +36,15 @@ class Policy:
     request_timeout: timedelta = timedelta(seconds=300)
     max_attempts: int = 3
     heartbeat_ttl: timedelta = timedelta(seconds=15)
-    dispatch_timeout: timedelta = timedelta(seconds=60)
     retry_backoff: timedelta = timedelta(seconds=1)
     retry_backoff_max: timedelta = timedelta(seconds=30)
     rate_limit: int = 6000
     rate_limit_window_seconds: int = 60
     probe_timeout: float = 2.0
     worker_check_timeout: float = 10.0
+    scheduling: SchedulingRules = field(default_factory=SchedulingRules)
+    # Waiting requests one tenant may have; beyond it a submit answers 429 (None: no limit).
+    tenant_max_queued: int | None = None
 
     def backoff(self, attempt: int) -> timedelta:
         """Delay before dispatching ``attempt`` (2 and up): doubling, capped."""
@@ -65,11 +69,16 @@ class Context:
     prober: WorkerProber | None = None
     # Called after a commit that wrote outbox messages, so the relay need not wait to poll.
     wake_relay: Callable[[], None] = lambda: None
+    # Called when work may be handed out: a request queued, a slot freed, a worker arrived.
+    wake_scheduler: Callable[[], None] = lambda: None
     started_at: datetime | None = None
     # Moving average of processing time per task type, for the estimate given at submit.
     durations: dict[str, float] = field(default_factory=dict)
     # When this replica last wrote each worker's heartbeat to the store.
     worker_persisted_at: dict[str, datetime] = field(default_factory=dict)
+    # Each tenant's latest scheduling turn, for the round robin among tenants running as many
+    # (kept per replica: with several, replicas take turns and each goes round its own way).
+    tenant_turns: dict[str, int] = field(default_factory=dict)
     # Running requests whose worker, though alive, stopped listing them, since when.
     unheld_since: dict[uuid.UUID, datetime] = field(default_factory=dict)
     # Dead letters and recent timings for the operator console (None: no console data).
@@ -80,6 +89,8 @@ class Context:
     reader: RequestReader | None = None
     # Callers of this process waiting for outcomes (long polling).
     waiters: Waiters = field(default_factory=Waiters)
+    # The names operators gave their keys, for logs and metrics (set with the keys).
+    tenants: Tenants = field(default_factory=Tenants)
 
     @property
     def reads(self) -> RequestReader:

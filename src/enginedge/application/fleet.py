@@ -13,7 +13,8 @@ from datetime import datetime, timedelta
 from enginedge.application.context import Context
 from enginedge.application.events import progress_event, status_event
 from enginedge.application.maintenance import redispatch_abandoned
-from enginedge.application.outbox import finished, observe_dispatch
+from enginedge.application.outbox import finished
+from enginedge.application.scheduler import observe_dispatch
 from enginedge.domain.errors import IllegalTransition
 from enginedge.domain.messages import HeartbeatMessage, ResultMessage
 from enginedge.domain.model import (
@@ -83,6 +84,8 @@ async def record_results(
     # event), not the store.
     for request in done:
         finished(ctx, request)
+    if done:
+        ctx.wake_scheduler()  # their slots are free
     await ctx.request_cache.put_all(done)
     await ctx.events.append_all(events)
     return refused
@@ -135,7 +138,9 @@ def _ignored(ctx: Context, request: Request, msg: ResultMessage) -> bool:
     if msg.attempt != request.attempts:
         ctx.metrics.result_ignored("superseded")
         return True
-    if request.status is RequestStatus.PROCESSING and request.worker_id != msg.worker_id:
+    if request.worker_id is not None and request.worker_id != msg.worker_id:
+        # Handed to another worker (a dispatch that an earlier scheduler pass published but
+        # whose commit was lost): only the chosen one's reports count.
         ctx.metrics.result_ignored("other-worker")
         return True
     return False
@@ -162,9 +167,11 @@ async def record_heartbeat(ctx: Context, msg: HeartbeatMessage) -> Worker:
         in_flight=list(msg.in_flight),
         reason=msg.reason,
         check_error=previous.check_error if previous else None,
-        idle=msg.idle,
+        inbox=msg.inbox,
     )
     await ctx.registry.upsert(worker)
+    if previous is None or _schedulable_changed(ctx, previous, worker):
+        ctx.wake_scheduler()
     persisted = ctx.worker_persisted_at.get(worker.id)
     if (
         previous is None
@@ -180,6 +187,15 @@ async def record_heartbeat(ctx: Context, msg: HeartbeatMessage) -> Worker:
     return worker
 
 
+def _schedulable_changed(ctx: Context, old: Worker, new: Worker) -> bool:
+    """A change that may give the scheduler slots it did not have."""
+    return (
+        old.effective_status(new.last_heartbeat, ctx.policy.heartbeat_ttl) != new.status
+        or old.capacity != new.capacity
+        or old.inbox != new.inbox
+    )
+
+
 def _persisted_fields_changed(ctx: Context, old: Worker, new: Worker) -> bool:
     return (
         old.effective_status(new.last_heartbeat, ctx.policy.heartbeat_ttl) != new.status
@@ -187,6 +203,7 @@ def _persisted_fields_changed(ctx: Context, old: Worker, new: Worker) -> bool:
         or old.endpoint != new.endpoint
         or old.capabilities != new.capabilities
         or old.capacity != new.capacity
+        or old.inbox != new.inbox
     )
 
 

@@ -9,7 +9,7 @@ from datetime import datetime
 
 from enginedge.application.context import Context
 from enginedge.application.events import status_event
-from enginedge.application.outbox import cancel_message, dispatch_message, finish, finished
+from enginedge.application.outbox import cancel_message, finish, finished
 from enginedge.application.ports import StoreTransaction
 from enginedge.domain.model import Request, RequestEvent, RequestStatus, Worker, WorkerStatus
 
@@ -52,46 +52,10 @@ async def sweep(ctx: Context) -> SweepReport:
             now,
             report,
             "result_lost",
-            "its worker no longer holds it and no result came",
+            "its worker does not hold it and no result came",
             lambda tx: _unheld(ctx, tx, alive, now),
         )
-    await _republish_unclaimed(ctx, alive, now, report)
     return report
-
-
-async def _republish_unclaimed(
-    ctx: Context, alive: list[Worker], now: datetime, report: SweepReport
-) -> None:
-    """Publish again dispatches that waited past the dispatch timeout while every healthy
-    worker of their type said it is idle: then nothing for that type is left to read, and
-    the message was lost (e.g. a broker that lost its log).
-
-    While any of them is busy, a waiting dispatch may just be queued behind others, and
-    sending it again would only queue a duplicate. Nothing is known against the request, so
-    this is the same attempt, not a new one: whichever copy a worker starts first wins.
-    """
-    healthy = [
-        w
-        for w in alive
-        if w.effective_status(now, ctx.policy.heartbeat_ttl) is WorkerStatus.HEALTHY
-    ]
-    starving = {w.type for w in healthy} - {w.type for w in healthy if not w.idle}
-    if not starving:
-        return
-    async with ctx.store.transaction() as tx:
-        republished = []
-        for request in await tx.lock_unclaimed(now - ctx.policy.dispatch_timeout, BATCH):
-            if request.worker_type not in starving:
-                continue
-            request.republish(now)
-            await tx.save_requests([request])
-            await tx.enqueue([dispatch_message(request)])
-            republished.append(request)
-    for _ in republished:
-        ctx.metrics.redispatched("unclaimed")
-    report.redispatched += len(republished)
-    if republished:
-        ctx.wake_relay()
 
 
 async def recover_in_flight(ctx: Context) -> SweepReport:
@@ -187,15 +151,18 @@ async def _lost_workers(
 async def _unheld(
     ctx: Context, tx: StoreTransaction, alive: list[Worker], now: datetime
 ) -> list[Request]:
-    """Running requests that their live worker has not listed in its heartbeats for a whole
-    heartbeat TTL: the worker finished or dropped them and the outcome was lost on the way
-    (e.g. a broker restart lost the result message)."""
+    """Requests handed to a live worker that has not listed them in its heartbeats for a
+    whole heartbeat TTL: the worker finished or dropped them and the outcome was lost on the
+    way (e.g. a broker restart lost the result message), or the dispatch never reached it."""
     held = {rid for w in alive for rid in w.in_flight}
+    # Heartbeats older than the dispatch cannot list it yet.
+    heard = {w.id: w.last_heartbeat for w in alive}
     running = await tx.lock_in_flight([w.id for w in alive], BATCH)
     seen = set()
     overdue = []
     for request in running:
-        if request.status is not RequestStatus.PROCESSING:
+        since_dispatch = request.started_at or request.dispatched_at
+        if since_dispatch is not None and heard.get(request.worker_id or "", now) < since_dispatch:
             continue
         seen.add(request.id)
         if str(request.id) in held:
@@ -222,10 +189,8 @@ async def _redispatch(
             selected = await select(tx)
             for request in selected:
                 if request.can_retry:
-                    request.requeue(now)
+                    request.requeue(now, now + ctx.policy.backoff(request.attempts + 1))
                     await tx.save_requests([request])
-                    retry_at = now + ctx.policy.backoff(request.attempts)
-                    await tx.enqueue([dispatch_message(request, retry_at)])
                     events.append(status_event(request, reason=reason))
                     ctx.metrics.redispatched(label)
                     report.redispatched += 1
@@ -239,6 +204,7 @@ async def _redispatch(
             finished(ctx, request)
         await ctx.events.append_all(events)
         if events:
-            ctx.wake_relay()
+            # A slot was freed (and a retry queued, due after its backoff).
+            ctx.wake_scheduler()
         if len(selected) < BATCH:
             return

@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Protocol
 
 from enginedge.domain.model import Request, RequestEvent, RequestStatus, Result, Worker
+from enginedge.domain.scheduling import Waiting
 
 
 class IdempotencyKeyTaken(Exception):
@@ -39,10 +40,20 @@ class OutboxMessage:
     headers: dict[str, str] = field(default_factory=dict)
     available_at: datetime | None = None
     id: int | None = None
-    # For dispatches: which request attempt this message carries, so that the relay can mark
-    # the request DISPATCHED once the bus has it.
-    request_id: uuid.UUID | None = None
-    attempt: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RunningCounts:
+    """Requests handed to a worker and not finished (DISPATCHED or PROCESSING)."""
+
+    by_worker: dict[str, int] = field(default_factory=dict)
+    by_tenant: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class TenantCounts:
+    waiting: int = 0
+    running: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,18 +104,32 @@ class StoreTransaction(Protocol):
 
     async def delete_outbox(self, ids: Sequence[int]) -> None: ...
 
+    async def lock_scheduling(self) -> None:
+        """Hold the one scheduling lock of the whole deployment until commit: two replicas
+        that counted the same free slot would both fill it."""
+        ...
+
+    async def running_counts(self) -> RunningCounts:
+        """Requests in flight, per worker and per tenant."""
+        ...
+
+    async def queue_heads(
+        self, worker_types: Sequence[str], per_tenant: int, now: datetime
+    ) -> list[Waiting]:
+        """For each worker type named, priority and tenant, its first ``per_tenant``
+        waiting requests in FIFO order: PENDING, and due (no backoff left)."""
+        ...
+
     async def mark_dispatched(
-        self, attempts: Sequence[tuple[uuid.UUID, int]], now: datetime
-    ) -> list[Request]:
-        """Move PENDING requests whose current attempt was published to DISPATCHED."""
+        self, assignments: Sequence[tuple[uuid.UUID, int, str]], now: datetime
+    ) -> None:
+        """Move PENDING requests, ``(id, attempt, worker id)``, whose current attempt was
+        handed to that worker to DISPATCHED (any other is left as it is). The caller holds
+        their locks (:meth:`lock_requests`) and knows which ones move."""
         ...
 
     async def lock_overdue(self, now: datetime, limit: int) -> list[Request]:
         """Non-terminal requests whose deadline has passed."""
-        ...
-
-    async def lock_unclaimed(self, dispatched_before: datetime, limit: int) -> list[Request]:
-        """Requests DISPATCHED before the given time that no worker has started."""
         ...
 
     async def lock_in_flight(
@@ -113,8 +138,8 @@ class StoreTransaction(Protocol):
         limit: int = 1000,
         started_before: datetime | None = None,
     ) -> list[Request]:
-        """DISPATCHED or PROCESSING requests, of the given workers if named, started before
-        the given time if one is."""
+        """DISPATCHED or PROCESSING requests, of the given workers if named, dispatched
+        before the given time if one is."""
         ...
 
     async def save_worker(self, worker: Worker) -> None: ...
@@ -146,8 +171,21 @@ class RequestStore(Protocol):
 
     async def outbox_backlog(self) -> int: ...
 
-    async def waiting_by_worker_type(self) -> dict[str, int]:
-        """Requests not yet started (PENDING or DISPATCHED), per worker type."""
+    async def queue_depth(self) -> dict[tuple[str, int], int]:
+        """Requests waiting for a worker (PENDING), per worker type and priority."""
+        ...
+
+    async def tenant_counts(self) -> dict[str, TenantCounts]:
+        """Waiting and running requests per tenant that has any."""
+        ...
+
+    async def count_waiting(self, tenant: str) -> int:
+        """Requests of ``tenant`` waiting for a worker (PENDING)."""
+        ...
+
+    async def queue_position(self, request: Request) -> int | None:
+        """How many waiting requests of its worker type go before ``request`` by priority
+        and age (1: it is next but for fair shares); None once it is not waiting."""
         ...
 
     async def ping(self) -> None:
@@ -190,22 +228,18 @@ class MessageBus(Protocol):
         """Whether published messages outlive this process (Kafka yes, in-process no)."""
         ...
 
-    @property
-    def rebalance_seconds(self) -> float:
-        """How long after a member leaves a group its partitions may take to go to the
-        others (0 in-process). A member that joins again sooner may take part in that very
-        rebalance and get its partitions back."""
-        ...
-
     async def publish(self, messages: Sequence[BusMessage]) -> None:
         """Return once the bus holds every message; raise if it cannot take them."""
         ...
 
     async def subscribe(
-        self, topics: Sequence[str], group: str, *, urgent: bool = True
+        self, topics: Sequence[str], group: str | None, *, urgent: bool = True
     ) -> Subscription:
-        """A member of consumer ``group`` reading ``topics``. A subscription that is not
-        ``urgent`` (control messages, dead letters) may ask the broker less often."""
+        """A member of consumer ``group`` reading ``topics``; with no group, a reader of its
+        own that takes every message of the topics from their start, in no group (so no
+        rebalance ever waits on it or on anyone else) and commits nothing. A subscription
+        that is not ``urgent`` (control messages, dead letters) may ask the broker less
+        often."""
         ...
 
     async def prepare(self, topics: Sequence[str]) -> None:
@@ -339,9 +373,11 @@ class ConsoleStore(Protocol):
     """What the operator console reads beyond the request store: kept in the SQL store, so
     that every replica serves the same view."""
 
-    async def request_timings(self, since: datetime, limit: int) -> list[RequestTiming]:
+    async def request_timings(
+        self, since: datetime, limit: int, caller: str | None = None
+    ) -> list[RequestTiming]:
         """Requests that finished at or after ``since``, plus those not finished yet (at
-        most ``limit`` of each, newest first)."""
+        most ``limit`` of each, newest first); only ``caller``'s if one is named."""
         ...
 
     async def add_dead_letter(self, letter: DeadLetter, keep_after: datetime) -> None:

@@ -11,8 +11,9 @@ from typing import Any
 
 from enginedge.application.context import Context
 from enginedge.application.events import status_event
-from enginedge.application.outbox import cancel_message, dispatch_message, finish, finished
+from enginedge.application.outbox import cancel_message, finish, finished
 from enginedge.application.ports import IdempotencyKeyTaken, RequestQuery
+from enginedge.application.tenancy import Principal
 from enginedge.application.waiters import Waiter
 from enginedge.domain.errors import (
     CannotCancel,
@@ -74,6 +75,7 @@ async def submit(ctx: Context, cmd: SubmitCommand) -> Submission:
             return _replay(ctx, existing)
     now = ctx.clock.now()
     worker = await _route(ctx, cmd, now)
+    await _check_queue_room(ctx, cmd.caller)
     timeout = timedelta(seconds=meta.timeout) if meta.timeout else ctx.policy.request_timeout
     request = Request(
         id=cmd.request_id,
@@ -92,7 +94,7 @@ async def submit(ctx: Context, cmd: SubmitCommand) -> Submission:
         traceparent=valid_traceparent(cmd.traceparent) or new_traceparent(),
     )
     try:
-        await ctx.writer.add(request, [dispatch_message(request)])
+        await ctx.writer.add(request)
     except IdempotencyKeyTaken:
         assert cmd.idempotency_key is not None
         async with ctx.store.transaction() as tx:
@@ -100,7 +102,7 @@ async def submit(ctx: Context, cmd: SubmitCommand) -> Submission:
         if existing is None:  # pragma: no cover - the winner cannot vanish
             raise
         return _replay(ctx, existing)
-    ctx.wake_relay()
+    ctx.wake_scheduler()
     ctx.metrics.request_accepted(request.task_type, request.worker_type)
     return Submission(request, True, ctx.durations.get(request.task_type))
 
@@ -119,6 +121,22 @@ async def submit_and_wait(ctx: Context, cmd: SubmitCommand, timeout: float) -> S
         else:
             request = await _outcome(ctx, waiter, deadline)
     return Submission(request, submission.created, submission.estimated_duration)
+
+
+# What a tenant over its queue limit is told to wait before trying again: about one
+# scheduling turn of a busy fleet.
+QUEUE_FULL_RETRY_AFTER = 1
+
+
+async def _check_queue_room(ctx: Context, tenant: str) -> None:
+    """429 for a tenant that already has ``TENANT_MAX_QUEUED`` requests waiting. Counted
+    before the write: replicas accepting the same tenant's requests at the same instant may
+    each let one more in."""
+    limit = ctx.policy.tenant_max_queued
+    if limit is not None and await ctx.store.count_waiting(tenant) >= limit:
+        raise RateLimitExceeded(
+            QUEUE_FULL_RETRY_AFTER, f"Too many requests waiting: at most {limit} per API key"
+        )
 
 
 async def _route(ctx: Context, cmd: SubmitCommand, now: datetime) -> Worker:
@@ -141,43 +159,69 @@ def _replay(ctx: Context, request: Request) -> Submission:
     return Submission(request, False, ctx.durations.get(request.task_type))
 
 
-async def get_request(ctx: Context, request_id: uuid.UUID, *, primary: bool = False) -> Request:
-    """A request by id: finished ones from the cache, running ones from the store (its read
-    replica, if any, unless ``primary``)."""
-    request = await ctx.request_cache.get(request_id)
-    if request is not None:
-        return request
-    request = await (ctx.store if primary else ctx.reads).get_request(request_id)
-    if request is None:
-        raise RequestNotFound(f"Request {request_id} not found")
-    if request.terminal:
-        await ctx.request_cache.put_all([request])
+def _not_found(request_id: uuid.UUID) -> RequestNotFound:
+    # The one answer for an unknown id and for another tenant's request alike.
+    return RequestNotFound(f"Request {request_id} not found")
+
+
+def _visible(request: Request, viewer: Principal | None) -> Request:
+    """``request`` if ``viewer`` may see it (None: no restriction), else not found."""
+    if viewer is not None and not viewer.sees(request.caller):
+        raise _not_found(request.id)
     return request
 
 
-async def wait_for_request(ctx: Context, request_id: uuid.UUID, timeout: float) -> Request:
+async def get_request(
+    ctx: Context,
+    request_id: uuid.UUID,
+    *,
+    primary: bool = False,
+    viewer: Principal | None = None,
+) -> Request:
+    """A request by id: finished ones from the cache, running ones from the store (its read
+    replica, if any, unless ``primary``). Another tenant's request than ``viewer``'s is not
+    found, exactly as an unknown id."""
+    request = await ctx.request_cache.get(request_id)
+    if request is not None:
+        return _visible(request, viewer)
+    request = await (ctx.store if primary else ctx.reads).get_request(request_id)
+    if request is None:
+        raise _not_found(request_id)
+    if request.terminal:
+        await ctx.request_cache.put_all([request])
+    return _visible(request, viewer)
+
+
+async def wait_for_request(
+    ctx: Context, request_id: uuid.UUID, timeout: float, *, viewer: Principal | None = None
+) -> Request:
     """A request once it is terminal, or as it is after ``timeout`` seconds (long polling).
 
     A waiting caller costs nothing while it waits: it is woken when its request finishes
     (see application.waiters) and reads the outcome from the request cache, where it is put
     as it is recorded. The store is read only for a request without events (unknown, or its
-    events expired), for the answer of a wait that ran out, and on a cache miss.
+    events expired), for the answer of a wait that ran out, and on a cache miss; and once
+    up front for a ``viewer`` limited to its own tenant, so that another tenant's request
+    is not found at once, as an unknown id is, instead of after the wait.
     """
     if timeout <= 0 or ctx.waiters.closed:
-        return await get_request(ctx, request_id)
+        return await get_request(ctx, request_id, viewer=viewer)
     deadline = asyncio.get_running_loop().time() + timeout
     with ctx.waiters.watch(request_id) as waiter:
         history = await ctx.events.history(request_id, None)
         if any(_is_terminal(e) for e in history):
-            return await get_request(ctx, request_id, primary=True)
-        if not history:
-            request = await get_request(ctx, request_id)  # 404 for an unknown id
+            return await get_request(ctx, request_id, primary=True, viewer=viewer)
+        if not history or (viewer is not None and viewer.scope is not None):
+            # 404 for an unknown id, or another tenant's
+            request = await get_request(ctx, request_id, viewer=viewer)
             if request.terminal:
                 return request
-        return await _outcome(ctx, waiter, deadline)
+        return await _outcome(ctx, waiter, deadline, viewer=viewer)
 
 
-async def _outcome(ctx: Context, waiter: Waiter, deadline: float) -> Request:
+async def _outcome(
+    ctx: Context, waiter: Waiter, deadline: float, *, viewer: Principal | None = None
+) -> Request:
     """The request ``waiter`` watches, once terminal, at ``deadline`` (loop time), or as
     soon as this process starts shutting down."""
     while not ctx.waiters.closed:
@@ -187,31 +231,40 @@ async def _outcome(ctx: Context, waiter: Waiter, deadline: float) -> Request:
         except TimeoutError:
             break
         if waiter.outcome is not None:
-            return waiter.outcome
+            return _visible(waiter.outcome, viewer)
         # Finished elsewhere, or an announcement may have been missed: look. A read
         # replica may not have the outcome yet, the primary has.
         waiter.woken.clear()
-        request = await get_request(ctx, waiter.request_id, primary=True)
+        request = await get_request(ctx, waiter.request_id, primary=True, viewer=viewer)
         if request.terminal:
             return request
     # The primary: a request accepted a moment ago may not be on a replica yet.
-    return await get_request(ctx, waiter.request_id, primary=True)
+    return await get_request(ctx, waiter.request_id, primary=True, viewer=viewer)
 
 
 def _is_terminal(event: RequestEvent) -> bool:
     return event.type == "status" and event.data.get("status") in TERMINAL_NAMES
 
 
-async def list_requests(ctx: Context, query: RequestQuery) -> tuple[list[Request], str | None]:
-    """A page of requests, newest first, and the cursor of the next page (None at the end)."""
+async def list_requests(
+    ctx: Context, query: RequestQuery, *, viewer: Principal | None = None
+) -> tuple[list[Request], str | None]:
+    """A page of requests, newest first, and the cursor of the next page (None at the end).
+    A ``viewer`` limited to its own tenant lists only its own requests, whatever
+    ``query.caller`` says."""
     limit = max(1, min(query.limit, MAX_PAGE))
+    caller = query.caller
+    if viewer is not None and viewer.scope is not None:
+        if caller is not None and caller != viewer.scope:
+            return [], None
+        caller = viewer.scope
     rows = await ctx.reads.list_requests(
         RequestQuery(
             statuses=query.statuses,
             task_type=query.task_type,
             created_after=query.created_after,
             created_before=query.created_before,
-            caller=query.caller,
+            caller=caller,
             limit=limit + 1,
             cursor=query.cursor,
         )
@@ -240,13 +293,17 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID] | None:
         return None
 
 
-async def cancel(ctx: Context, request_id: uuid.UUID) -> Request:
-    """Cancel a request that has not finished; the worker holding it is told to stop."""
+async def cancel(
+    ctx: Context, request_id: uuid.UUID, *, viewer: Principal | None = None
+) -> Request:
+    """Cancel a request that has not finished; the worker holding it is told to stop.
+    Another tenant's request than ``viewer``'s is not found, exactly as an unknown id."""
     now = ctx.clock.now()
     async with ctx.store.transaction() as tx:
         request = await tx.lock_request(request_id)
         if request is None:
-            raise RequestNotFound(f"Request {request_id} not found")
+            raise _not_found(request_id)
+        _visible(request, viewer)
         if request.terminal:
             raise CannotCancel(
                 f"Request {request_id} is already {request.status.value} and cannot be cancelled"

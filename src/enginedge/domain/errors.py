@@ -49,8 +49,8 @@ class NoEligibleWorkers(EnginedgeError):
 class RateLimitExceeded(EnginedgeError):
     code = "RATE_LIMIT_EXCEEDED"
 
-    def __init__(self, retry_after: int) -> None:
-        super().__init__(f"Rate limit exceeded; retry after {retry_after}s")
+    def __init__(self, retry_after: int, why: str = "Rate limit exceeded") -> None:
+        super().__init__(f"{why}; retry after {retry_after}s")
         self.retry_after = retry_after
 
 

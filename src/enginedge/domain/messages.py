@@ -19,6 +19,9 @@ import orjson
 RESULTS_TOPIC = "worker.results"
 HEARTBEATS_TOPIC = "worker.heartbeats"
 CONTROL_TOPIC = "worker.control"
+# Where a worker puts a dispatch it cannot parse: one topic for every worker's inbox, so that
+# the operator finds them in one place (the console records it).
+DISPATCH_DLQ_TOPIC = "worker.requests.dlq"
 ORCHESTRATOR_GROUP = "main-hexagon"
 BROADCAST_KEY = "*"
 WORKER_TYPE_PATTERN = re.compile(r"^[a-z][a-z0-9-]{0,49}$")
@@ -40,14 +43,18 @@ def valid_traceparent(value: str | None) -> str | None:
     return value if value is not None and TRACEPARENT.match(value) else None
 
 
-def requests_topic(worker_type: str) -> str:
-    """The topic that carries dispatches to workers of ``worker_type``."""
-    return f"worker.{worker_type}.requests"
+TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 
 
-def worker_group(worker_type: str) -> str:
-    """The consumer group shared by all workers of ``worker_type``."""
-    return f"worker.{worker_type}"
+def inbox_topic(worker_type: str, worker_id: str, incarnation: str) -> str:
+    """The topic that carries dispatches to one worker process, and to no other.
+
+    The scheduler picks the worker; the topic only carries the choice. One per process
+    start (``incarnation``), so that a worker restarted under the same id reads none of
+    what was meant for its previous run, whose requests the orchestrator gave back to the
+    queue when that run was lost.
+    """
+    return f"worker.{worker_type}.{worker_id}.{incarnation}.requests"
 
 
 def dlq_topic(topic: str) -> str:
@@ -250,8 +257,8 @@ class HeartbeatMessage:
     ts: datetime
     in_flight: list[str] = field(default_factory=list)
     reason: str | None = None
-    # Free slots and nothing to read for a while: every dispatch meant for it has been read.
-    idle: bool = False
+    # Where the orchestrator sends this worker's dispatches (see inbox_topic).
+    inbox: str | None = None
     # Attempts it gave up without an outcome (a stalled handler), by request id: the
     # orchestrator dispatches them again at once instead of waiting to find them unheld.
     abandoned: dict[str, int] = field(default_factory=dict)
@@ -269,7 +276,7 @@ class HeartbeatMessage:
                 "ts": self.ts.isoformat(),
                 "inFlight": self.in_flight,
                 **({"reason": self.reason} if self.reason else {}),
-                **({"idle": True} if self.idle else {}),
+                **({"inbox": self.inbox} if self.inbox else {}),
                 **({"abandoned": self.abandoned} if self.abandoned else {}),
             }
         )
@@ -305,9 +312,16 @@ class HeartbeatMessage:
             ts=_timestamp(data, "ts"),
             in_flight=in_flight,
             reason=str(data["reason"])[:500] if data.get("reason") else None,
-            idle=data.get("idle") is True,
+            inbox=_inbox(data),
             abandoned=_abandoned(data),
         )
+
+
+def _inbox(data: dict[str, Any]) -> str | None:
+    inbox: str | None = _field(data, "inbox", str, optional=True)
+    if inbox is not None and not TOPIC_NAME.match(inbox):
+        raise MalformedMessage("field 'inbox' must be a topic name")
+    return inbox
 
 
 # More than any worker's capacity: a list past it is not an honest heartbeat.

@@ -86,6 +86,8 @@ class Request:
     result: JSON | None = None
     error: str | None = None
     processing_time_ms: int | None = None
+    # A queued retry waits for its backoff: the scheduler leaves it alone until then.
+    dispatch_after: datetime | None = None
 
     @property
     def terminal(self) -> bool:
@@ -97,17 +99,14 @@ class Request:
         self.status = target
         self.updated_at = now
 
-    def mark_dispatched(self, now: datetime) -> None:
+    def mark_dispatched(self, now: datetime, worker_id: str | None = None) -> None:
+        """Handed to ``worker_id`` (the scheduler's choice; None when a worker's report
+        overtook the scheduler's commit, which then names it)."""
         self._move(RequestStatus.DISPATCHED, now)
         self.dispatched_at = now
-
-    def republish(self, now: datetime) -> None:
-        """The current attempt's dispatch went out again (the first copy was lost or still
-        waits); the request stays DISPATCHED, on the same attempt."""
-        if self.status is not RequestStatus.DISPATCHED:
-            raise IllegalTransition(self.status, RequestStatus.DISPATCHED)
-        self.dispatched_at = now
-        self.updated_at = now
+        self.dispatch_after = None
+        if worker_id is not None:
+            self.worker_id = worker_id
 
     def mark_processing(self, worker_id: str, now: datetime) -> None:
         self._move(RequestStatus.PROCESSING, now)
@@ -135,13 +134,15 @@ class Request:
         seconds = (self.deadline - self.created_at).total_seconds()
         self.error = f"no result within the request's timeout of {seconds:g}s"
 
-    def requeue(self, now: datetime) -> None:
-        """Queue a new attempt; the caller has checked :attr:`can_retry`."""
+    def requeue(self, now: datetime, not_before: datetime | None = None) -> None:
+        """Queue a new attempt, to be dispatched no sooner than ``not_before``; the caller
+        has checked :attr:`can_retry`. It keeps its place in its tenant's queue."""
         self._move(RequestStatus.PENDING, now)
         self.attempts += 1
         self.worker_id = None
         self.dispatched_at = None
         self.started_at = None
+        self.dispatch_after = not_before
 
     @property
     def can_retry(self) -> bool:
@@ -181,8 +182,9 @@ class Worker:
     in_flight: list[str] = field(default_factory=list)
     # Why the orchestrator's last active health check of ``endpoint`` failed (None: passed).
     check_error: str | None = None
-    # Its last heartbeat said: free slots, and nothing left to read.
-    idle: bool = False
+    # The topic it reads its dispatches from (announced in its heartbeats); None: a worker
+    # that announced none, which the scheduler cannot reach.
+    inbox: str | None = None
 
     def effective_status(self, now: datetime, heartbeat_ttl: timedelta) -> WorkerStatus:
         """The status to route by: a worker whose heartbeats stopped, or whose health check

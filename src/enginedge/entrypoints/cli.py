@@ -103,8 +103,9 @@ def serve(
     keys, generated = ensure_api_keys(settings)
     if generated is not None:
         err.print(
-            "[yellow]No API_KEYS set[/yellow]: development API key (kept in "
-            f"{settings.data_dir / 'api-key'}):\n  {generated}",
+            "[yellow]No API_KEYS set[/yellow]: development API key, an operator key that "
+            f"sees every tenant's requests (kept in {settings.data_dir / 'api-key'}):\n"
+            f"  {generated}",
             highlight=False,
         )
     try:

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import orjson
 
-from enginedge.config import generated_key_path
+from enginedge.config import generated_key_path, split_key_entry
 from enginedge.domain.model import TERMINAL_NAMES
 
 # How long `events` keeps trying to resume a lost stream (a rolling restart takes seconds).
@@ -30,14 +30,17 @@ class ApiError(Exception):
 
 
 def find_api_key(explicit: str | None) -> str | None:
-    """``--api-key``, else ``ENGINEDGE_API_KEY``, else the first of ``API_KEYS``, else the
-    development key a local service generated in its data directory."""
+    """``--api-key``, else ``ENGINEDGE_API_KEY``, else the first of ``API_KEYS`` (else of
+    ``ADMIN_API_KEYS``; without its ``name:``), else the development key a local service
+    generated in its data directory."""
     if explicit:
         return explicit
     if os.environ.get("ENGINEDGE_API_KEY"):
         return os.environ["ENGINEDGE_API_KEY"]
-    if os.environ.get("API_KEYS"):
-        return os.environ["API_KEYS"].split(",")[0].strip()
+    for variable in ("API_KEYS", "ADMIN_API_KEYS"):
+        entries = [e.strip() for e in os.environ.get(variable, "").split(",") if e.strip()]
+        if entries:
+            return split_key_entry(entries[0])[1]
     path = generated_key_path(Path(os.environ.get("ENGINEDGE_DATA_DIR", ".enginedge")))
     return path.read_text().strip() if path.exists() else None
 

@@ -13,10 +13,10 @@ from enginedge.bootstrap import kafka_settings
 from enginedge.config import ConfigError, Settings
 from enginedge.domain.messages import (
     CONTROL_TOPIC,
+    DISPATCH_DLQ_TOPIC,
     HEARTBEATS_TOPIC,
     RESULTS_TOPIC,
     dlq_topic,
-    requests_topic,
 )
 from enginedge.worker import WorkerApp, WorkerRuntime
 from enginedge.worker.health import serving_health
@@ -35,7 +35,7 @@ async def run_worker(app: WorkerApp, settings: Settings, worker_id: str | None =
     tracing = configure_tracing(f"enginedge-worker-{app.type}")
     kafka = KafkaBus(kafka_settings(settings))
     bus = TracedBus(kafka, tracing)
-    topics = [requests_topic(app.type), RESULTS_TOPIC, HEARTBEATS_TOPIC, CONTROL_TOPIC]
+    topics = [RESULTS_TOPIC, HEARTBEATS_TOPIC, CONTROL_TOPIC]
     host = settings.worker_advertised_host or socket.gethostname()
     runtime = WorkerRuntime(
         app,
@@ -50,7 +50,7 @@ async def run_worker(app: WorkerApp, settings: Settings, worker_id: str | None =
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await _prepare(kafka, [*topics, *map(dlq_topic, topics)], stop)
+        await _prepare(kafka, [*topics, *map(dlq_topic, topics), DISPATCH_DLQ_TOPIC], stop)
         if stop.is_set():
             return
         # Its own /health first: the orchestrator checks it from the first heartbeat on.

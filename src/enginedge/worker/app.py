@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import uuid
 from collections.abc import Awaitable, Callable
@@ -16,9 +17,14 @@ class TaskFailed(Exception):
     """Raise from a handler to fail the request with exactly this message."""
 
 
+# Told of a task's partial results; ``None`` only says the task is alive.
+Reporter = Callable[[Any], Awaitable[None]]
+
+
 @dataclass(slots=True)
 class Task:
-    """One attempt of a request, as a handler sees it."""
+    """One attempt of a request, as a handler sees it. The runtime gives it a ``reporter``
+    for what the handler reports; a task without one (a unit test's) reports nowhere."""
 
     request_id: uuid.UUID
     attempt: int
@@ -26,24 +32,31 @@ class Task:
     payload: JSON
     metadata: JSON
     deadline: datetime
-    _report: Callable[[Any], Awaitable[None]] | None = field(default=None, repr=False)
+    reporter: Reporter | None = field(default=None, repr=False)
     _on_cancel: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
     async def progress(self, chunk: Any) -> None:
         """Send a partial result (e.g. a few LLM tokens) to whoever follows the request."""
-        if self._report is not None and chunk is not None:
-            await self._report(chunk)
+        if self.reporter is not None and chunk is not None:
+            await self.reporter(chunk)
 
     async def heartbeat(self) -> None:
         """Say the task is alive without a partial result. A task that goes longer than its
         worker's ``stall_timeout`` without ``progress`` or ``heartbeat`` counts as stuck."""
-        if self._report is not None:
-            await self._report(None)
+        if self.reporter is not None:
+            await self.reporter(None)
 
     def on_cancel(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` if the request is cancelled or times out (e.g. to interrupt a
         query running in a thread, which asyncio cannot interrupt by itself)."""
         self._on_cancel.append(callback)
+
+    def interrupt(self) -> None:
+        """Run the ``on_cancel`` callbacks (the runtime does, when it stops the attempt);
+        one that raises does not keep the others from running."""
+        for callback in self._on_cancel:
+            with contextlib.suppress(Exception):
+                callback()
 
 
 Handler = Callable[[Task], Awaitable[JSON]] | Callable[[Task], JSON]

@@ -11,6 +11,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from enginedge.adapters.http.serving import serving
+from enginedge.domain.model import WorkerStatus
 from enginedge.worker.runtime import WorkerRuntime
 
 
@@ -18,15 +19,16 @@ def health_app(runtime: WorkerRuntime) -> Starlette:
     """200 while the worker is HEALTHY or DRAINING, 503 while it says it is UNHEALTHY."""
 
     async def health(request: Request) -> JSONResponse:
+        unhealthy = runtime.status is WorkerStatus.UNHEALTHY
         body = {
-            "status": runtime.status,
+            "status": runtime.status.value,
             "workerId": runtime.id,
             "type": runtime.app.type,
             "active": runtime.active,
             "capacity": runtime.app.capacity,
-            "reason": runtime.reason if runtime.status == "UNHEALTHY" else None,
+            "reason": runtime.reason if unhealthy else None,
         }
-        return JSONResponse(body, status_code=503 if runtime.status == "UNHEALTHY" else 200)
+        return JSONResponse(body, status_code=503 if unhealthy else 200)
 
     return Starlette(routes=[Route("/health", health)])
 

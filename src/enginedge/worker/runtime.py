@@ -1,8 +1,10 @@
-"""Running a :class:`WorkerApp` against a message bus.
+"""Running a :class:`WorkerApp` against a message bus: the worker's loops.
 
-The loop pulls dispatches only while it has a free slot, so a busy worker leaves the rest in
-the bus for its peers. Each attempt reports ``progress`` seq 0 when it starts, any partial
-results, then ``completed`` or ``failed``.
+The orchestrator's scheduler decides what this worker runs: it sends a dispatch to this
+process's own inbox topic only when the worker has a free slot. The runtime reads its inbox
+(in no consumer group: nothing waits on a rebalance), runs each attempt
+(:mod:`enginedge.worker.attempts`), listens for cancels, and tells the fleet how it is in
+heartbeats (:mod:`enginedge.worker.condition`).
 """
 
 from __future__ import annotations
@@ -10,54 +12,37 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
+import secrets
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any
 
 from enginedge.adapters.telemetry.tracing import Tracing
 from enginedge.application.ports import BusMessage, MessageBus, Subscription
 from enginedge.domain.messages import (
     CONTROL_TOPIC,
+    DISPATCH_DLQ_TOPIC,
     HEARTBEATS_TOPIC,
-    RESULTS_TOPIC,
     ControlMessage,
     DispatchMessage,
     HeartbeatMessage,
     MalformedMessage,
-    ResultMessage,
     dead_letter,
     dlq_topic,
+    inbox_topic,
     new_traceparent,
-    requests_topic,
-    worker_group,
 )
-from enginedge.worker.app import JSON, Task, TaskFailed, WorkerApp
-from enginedge.worker.threads import run_in_daemon_thread
+from enginedge.domain.model import WorkerStatus
+from enginedge.worker.app import Task, WorkerApp
+from enginedge.worker.attempts import Attempt, AttemptRunner, ResultReporter
+from enginedge.worker.condition import Condition
 
 log = logging.getLogger(__name__)
-# How long a task runs before the worker says it started (see WorkerRuntime._handle).
-START_REPORT_DELAY = 0.02
-# Seconds a stalled worker sits out beyond its bus's rebalance: it leaves its group only on
-# the consume loop's next turn (a poll timeout, or a slow LeaveGroup), not at the stall.
-REBALANCE_MARGIN = 1.0
 
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-class _Running:
-    """An attempt in progress."""
-
-    def __init__(self, task: Task, job: asyncio.Task[None]) -> None:
-        self.task = task
-        self.job = job
-        self.seq = 0
-        self.cancelled = False
-        self.last_progress = time.monotonic()
 
 
 class WorkerRuntime:
@@ -80,26 +65,21 @@ class WorkerRuntime:
         self.bus = bus
         self.id = worker_id or str(uuid.uuid4())
         self.endpoint = endpoint or f"inprocess://{self.id}"
+        # A topic of this process's own: a restart under the same id reads none of the last
+        # run's dispatches (the orchestrator gave them back to the queue).
+        self.inbox = inbox_topic(app.type, self.id, secrets.token_hex(4))
         self.heartbeat_interval = heartbeat_interval
         self.poll_timeout = poll_timeout
         self.drain_timeout = drain_timeout
         self._clock = clock
         self._tracing = tracing or Tracing()
-        self._running: dict[uuid.UUID, _Running] = {}
-        self._slot_freed = asyncio.Event()
+        self.condition = Condition(self.id, heartbeat_interval, app.stall_timeout)
+        self._runner = AttemptRunner(app, self.id, ResultReporter(bus, self.id, clock), clock)
+        self._running: dict[uuid.UUID, Attempt] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
-        self._status = "HEALTHY"
-        # Why this worker says it is unhealthy, and until when (monotonic seconds).
-        self.reason: str | None = None
-        self._unhealthy_until = 0.0
-        # Attempts given up without an outcome, told in every heartbeat until the cool-down
-        # ends: request id -> (attempt, monotonic deadline).
-        self._abandoned: dict[str, tuple[int, float]] = {}
         self._last_poll = time.monotonic()
-        # Since when polls with free slots have brought nothing (None: not so now).
-        self._empty_since: float | None = None
-        self._requests: Subscription | None = None
+        self._inbox: Subscription | None = None
         self._control: Subscription | None = None
         self.max_active = 0  # highest concurrency seen, for tests and the health endpoint
 
@@ -108,20 +88,20 @@ class WorkerRuntime:
         return len(self._running)
 
     @property
-    def idle(self) -> bool:
-        """Free slots, and polls have brought nothing for a while: every dispatch meant
-        for this worker has been read (what the orchestrator needs to tell a lost dispatch
-        from a queued one)."""
-        since = self._empty_since
-        return since is not None and time.monotonic() - since >= max(1.0, 2 * self.poll_timeout)
+    def status(self) -> WorkerStatus:
+        """HEALTHY, DRAINING (stopping), or UNHEALTHY (stalled, or cooling down after a
+        stall); an unhealthy worker gets no new work."""
+        return self.condition.status
+
+    @property
+    def reason(self) -> str | None:
+        return self.condition.reason
 
     async def start(self) -> None:
-        """Announce the worker and start consuming."""
-        self._requests = await self._subscribe_requests()
-        # Control messages reach every worker: each one is its own group.
-        self._control = await self.bus.subscribe(
-            [CONTROL_TOPIC], f"worker-control.{self.id}", urgent=False
-        )
+        """Open the inbox, announce the worker and start its loops."""
+        self._inbox = await self.bus.subscribe([self.inbox], None)
+        # Control messages reach every worker: each one reads them on its own.
+        self._control = await self.bus.subscribe([CONTROL_TOPIC], None, urgent=False)
         try:
             await self.heartbeat()
         except Exception:  # the heartbeat loop keeps trying; the bus may come up later
@@ -138,10 +118,12 @@ class WorkerRuntime:
                 "workerType": self.app.type,
                 "capabilities": self.app.capabilities,
                 "capacity": self.app.capacity,
+                "inbox": self.inbox,
             },
         )
 
     async def heartbeat(self) -> None:
+        status = self.status
         message = HeartbeatMessage(
             worker_id=self.id,
             type=self.app.type,
@@ -149,67 +131,37 @@ class WorkerRuntime:
             capabilities=self.app.capabilities,
             capacity=self.app.capacity,
             active=self.active,
-            status=self.status,
+            status=status.value,
             ts=self._clock(),
-            reason=self.reason if self.status == "UNHEALTHY" else None,
-            in_flight=[str(r) for r, run in self._running.items() if not run.cancelled],
-            idle=self.idle,
-            abandoned=self._still_abandoned(),
+            reason=self.reason if status is WorkerStatus.UNHEALTHY else None,
+            in_flight=[str(r) for r, a in self._running.items() if not a.stopped],
+            inbox=self.inbox,
+            abandoned=self.condition.abandoned(),
         )
         headers = {"traceparent": new_traceparent(), "correlation-id": self.id}
         await self.bus.publish([BusMessage(HEARTBEATS_TOPIC, self.id, message.to_json(), headers)])
 
-    def _still_abandoned(self) -> dict[str, int]:
-        now = time.monotonic()
-        self._abandoned = {r: a for r, a in self._abandoned.items() if a[1] > now}
-        return {r: attempt for r, (attempt, _) in self._abandoned.items()}
-
-    @property
-    def status(self) -> str:
-        """HEALTHY, DRAINING (stopping), or UNHEALTHY (stalled, or cooling down after a
-        stall); an unhealthy worker takes no new work."""
-        if self._status != "HEALTHY":
-            return self._status
-        return "UNHEALTHY" if time.monotonic() < self._unhealthy_until else "HEALTHY"
-
     def check_stalls(self) -> None:
         """Declare this worker unhealthy if a task made no progress within the app's stall
-        timeout, or the consumer stopped polling; stalled tasks are abandoned (cancelled,
-        not reported) so that the orchestrator gives them to another worker."""
+        timeout, or the inbox stopped being read; stalled tasks are given up (cancelled, not
+        reported) so that the orchestrator gives them to another worker."""
         now = time.monotonic()
         stall = self.app.stall_timeout
-        stalled = [r for r in self._running.values() if now - r.last_progress > stall]
+        stalled = [a for a in self._running.values() if now - a.last_progress > stall]
         if stalled:
-            self._unhealthy(
-                f"request {stalled[0].task.request_id} made no progress for {stall:g}s", now
+            until = self.condition.unhealthy(
+                f"request {stalled[0].task.request_id} made no progress for {stall:g}s"
             )
-            for running in stalled:
-                self._abandon(running, self._unhealthy_until)
+            for attempt in stalled:
+                self._give_up(attempt, until)
         elif now - self._last_poll > max(stall, 30 * self.poll_timeout):
-            self._unhealthy("the consumer stopped polling", now)
+            self.condition.unhealthy("the consumer stopped polling")
 
-    def _abandon(self, running: _Running, until: float) -> None:
-        """Cancel an attempt without a word of its outcome, and name it in the heartbeats
+    def _give_up(self, attempt: Attempt, until: float) -> None:
+        """Stop an attempt without a word of its outcome, and name it in the heartbeats
         until ``until`` so that the orchestrator gives it to another worker at once."""
-        running.cancelled = True
-        running.job.cancel()
-        task = running.task
-        self._abandoned[str(task.request_id)] = (task.attempt, until)
-
-    def _unhealthy(self, reason: str, now: float) -> None:
-        if self.status != "UNHEALTHY":
-            log.warning("worker unhealthy", extra={"workerId": self.id, "reason": reason})
-        self.reason = reason
-        # Out of rotation long enough for the orchestrator to hear it (two heartbeats), for
-        # the abandoned work to go to another worker (a stall timeout's cool-down), and for
-        # the rebalance that hands this worker's partitions to the others to end: a worker
-        # that joins its group again sooner is part of that rebalance, gets its partitions
-        # back, and with them the retry of what it abandoned (same key, same partition).
-        self._unhealthy_until = now + max(
-            2.5 * self.heartbeat_interval,
-            self.app.stall_timeout,
-            self.bus.rebalance_seconds + REBALANCE_MARGIN,
-        )
+        attempt.stop()
+        self.condition.abandon(str(attempt.task.request_id), attempt.task.attempt, until)
 
     async def _beat(self) -> None:
         while True:
@@ -221,62 +173,30 @@ class WorkerRuntime:
                 log.warning("heartbeat not sent", exc_info=True, extra={"workerId": self.id})
 
     async def _consume(self) -> None:
-        """Take at most as many dispatches as there are free slots; when full, take none
-        (they stay in the bus for the other workers) but stay in the consumer group; while
-        unhealthy, leave it."""
+        """Read the inbox: the scheduler sends no more than there are free slots, but a
+        dispatch that comes while the worker is full (its slot count at the orchestrator
+        was a moment behind) waits here, unread, until a slot frees."""
+        assert self._inbox is not None
         while not self._stopping.is_set():
             self._last_poll = time.monotonic()
-            free = self.app.capacity - self.active if self.status == "HEALTHY" else 0
+            free = self.app.capacity - self.active
             try:
-                if self.status == "UNHEALTHY":
-                    await self._sit_out()
-                    continue
-                if self._requests is None:
-                    self._requests = await self._subscribe_requests()
                 if free <= 0:
-                    self._empty_since = None
-                    await self._requests.next_batch(0, 0)
-                    self._slot_freed.clear()
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(self.poll_timeout):
-                            await self._slot_freed.wait()
+                    await asyncio.sleep(min(self.poll_timeout, 0.05))
                     continue
-                batch = await self._requests.next_batch(free, self.poll_timeout)
+                batch = await self._inbox.next_batch(free, self.poll_timeout)
             except Exception:
                 log.warning("cannot read dispatches; retrying", exc_info=True)
                 await asyncio.sleep(self.poll_timeout)
                 continue
-            if not batch:
-                self._empty_since = self._empty_since or time.monotonic()
-            else:
-                self._empty_since = None
             for message in batch:
                 await self._start(message)
-            if batch:
-                try:
-                    await self._requests.commit()
-                except Exception:  # redelivered later: the orchestrator ignores duplicates
-                    log.warning("dispatch offsets not committed", exc_info=True)
-
-    async def _sit_out(self) -> None:
-        """Leave the type's consumer group while unhealthy: a member that stays would keep
-        its partitions, and every dispatch on them (the abandoned attempt's retry too,
-        which has the same key) would wait for this worker's cool-down."""
-        self._empty_since = None
-        if self._requests is not None:
-            subscription, self._requests = self._requests, None
-            await subscription.close()
-        await asyncio.sleep(self.poll_timeout)
-
-    async def _subscribe_requests(self) -> Subscription:
-        topic = requests_topic(self.app.type)
-        return await self.bus.subscribe([topic], worker_group(self.app.type))
 
     async def _start(self, message: BusMessage) -> None:
         try:
             dispatch = DispatchMessage.from_json(message.value)
         except MalformedMessage as exc:
-            await self._dead_letter(message, str(exc))
+            await self._dead_letter(message, str(exc), DISPATCH_DLQ_TOPIC)
             return
         # A dispatch of a request this worker already finished is run again: the orchestrator
         # sends one again only when no outcome reached it (a lost result), and it ignores a
@@ -291,168 +211,37 @@ class WorkerRuntime:
             metadata=dispatch.metadata,
             deadline=dispatch.deadline,
         )
-        job = asyncio.create_task(self._run(task, message.headers))
-        self._running[task.request_id] = _Running(task, job)
+        attempt = Attempt(task)
+        if self.status is not WorkerStatus.HEALTHY:
+            # Sent before the orchestrator heard this worker is out of rotation: give it
+            # back at once rather than keep it waiting for the cool-down.
+            self.condition.abandon(
+                str(task.request_id), task.attempt, self.condition.cool_down_ends
+            )
+            return
+        self._running[task.request_id] = attempt
+        attempt.job = asyncio.create_task(self._run(attempt, message.headers))
         self.max_active = max(self.max_active, self.active)
 
-    async def _run(self, task: Task, headers: Any) -> None:
-        # The handling is a span of the request's trace; what it sends on carries the span.
-        with self._tracing.span(
-            f"process {task.task_type}",
-            headers.get("traceparent"),
-            kind="consumer",
-            attributes={
-                "enginedge.request_id": str(task.request_id),
-                "enginedge.attempt": task.attempt,
-                "enginedge.worker_type": self.app.type,
-            },
-        ) as traceparent:
-            if traceparent:
-                headers = {**headers, "traceparent": traceparent}
-            await self._handle(task, headers)
-
-    async def _handle(self, task: Task, headers: Any) -> None:
-        running = self._running[task.request_id]
-        started = time.perf_counter()
-
-        # A task that ends (or reports progress) within START_REPORT_DELAY says nothing
-        # else first: its first message starts it at the orchestrator too, one message
-        # where there were two for every short task.
-        announce = asyncio.create_task(self._announce(task, headers))
-
-        async def report(chunk: Any) -> None:
-            running.last_progress = time.monotonic()
-            if chunk is None:  # task.heartbeat(): alive, nothing to show
-                return
-            announce.cancel()
-            running.seq += 1
-            await self._progress(task, running.seq, headers, chunk)
-
-        task._report = report
+    async def _run(self, attempt: Attempt, headers: Mapping[str, str]) -> None:
+        task = attempt.task
         try:
-            try:
-                try:
-                    result = await self._call(task)
-                finally:
-                    announce.cancel()  # what comes next tells the outcome
-            except asyncio.CancelledError:
-                _interrupt(task)
-                if not running.cancelled:
-                    raise  # the runtime is being killed: report nothing, as a crash would
-                return  # cancelled by the orchestrator, which has already recorded it
-            except TimeoutError:
-                _interrupt(task)  # past the deadline the orchestrator has timed it out
-                return
-            except Exception as exc:
-                error = str(exc) if isinstance(exc, TaskFailed) else f"{type(exc).__name__}: {exc}"
-                await self._outcome(
-                    task, running.seq + 1, headers, error=error, processing_time=_ms(started)
-                )
-                return
-            elapsed = _ms(started)
-            await self._outcome(
-                task, running.seq + 1, headers, result=result, processing_time=elapsed
-            )
-            log.info(
-                "request processed",
-                extra={
-                    "requestId": str(task.request_id),
-                    "workerType": self.app.type,
-                    "processingTime": elapsed,
-                    "correlationId": headers.get("correlation-id"),
-                    "workerId": self.id,
+            # The handling is a span of the request's trace; what it sends carries the span.
+            with self._tracing.span(
+                f"process {task.task_type}",
+                headers.get("traceparent"),
+                kind="consumer",
+                attributes={
+                    "enginedge.request_id": str(task.request_id),
+                    "enginedge.attempt": task.attempt,
+                    "enginedge.worker_type": self.app.type,
                 },
-            )
+            ) as traceparent:
+                if traceparent:
+                    headers = {**headers, "traceparent": traceparent}
+                await self._runner.run(attempt, headers)
         finally:
             self._running.pop(task.request_id, None)
-            self._slot_freed.set()
-
-    async def _call(self, task: Task) -> JSON:
-        spec = self.app.handlers.get(task.task_type)
-        if spec is None:
-            raise TaskFailed(
-                f"worker type {self.app.type} cannot handle task type {task.task_type}"
-            )
-        remaining = max((task.deadline - self._clock()).total_seconds(), 0.001)
-        call = (
-            run_in_daemon_thread(spec.handler, task, f"{self.app.type}-{task.request_id}")
-            if spec.blocking
-            else spec.handler(task)
-        )
-        async with asyncio.timeout(remaining):
-            result = await call  # type: ignore[misc]
-        if not isinstance(result, dict):
-            raise TaskFailed(f"the handler returned {type(result).__name__}, not an object")
-        return result
-
-    def _result(self, task: Task, kind: str, seq: int, headers: Any, **fields: Any) -> BusMessage:
-        message = ResultMessage(
-            request_id=task.request_id,
-            attempt=task.attempt,
-            worker_id=self.id,
-            kind=kind,  # type: ignore[arg-type]
-            seq=seq,
-            **fields,
-        )
-        return BusMessage(RESULTS_TOPIC, str(task.request_id), message.to_json(), dict(headers))
-
-    async def _announce(self, task: Task, headers: Any) -> None:
-        await asyncio.sleep(START_REPORT_DELAY)
-        await self._progress(task, 0, headers, None)  # "started"
-
-    async def _progress(self, task: Task, seq: int, headers: Any, chunk: Any) -> None:
-        """Partial results are best effort: a lost one never fails the task."""
-        try:
-            await self.bus.publish([self._result(task, "progress", seq, headers, chunk=chunk)])
-        except Exception:
-            log.warning("progress not sent", extra={"requestId": str(task.request_id)})
-
-    async def _outcome(
-        self,
-        task: Task,
-        seq: int,
-        headers: Any,
-        *,
-        result: JSON | None = None,
-        error: str | None = None,
-        processing_time: int,
-    ) -> None:
-        """Publish the outcome, retrying while the bus is down, until the request's deadline
-        (after it the orchestrator has timed the request out and would ignore it)."""
-        kind = "completed" if error is None else "failed"
-        try:
-            message = self._result(
-                task,
-                kind,
-                seq,
-                headers,
-                result=result,
-                error=error,
-                processing_time_ms=processing_time,
-            )
-        except (TypeError, ValueError) as exc:  # e.g. an integer over 64 bits, a set
-            message = self._result(
-                task,
-                "failed",
-                seq,
-                headers,
-                error=f"the handler's result cannot be sent as JSON: {exc}",
-                processing_time_ms=processing_time,
-            )
-        delay = 0.1
-        while True:
-            try:
-                await self.bus.publish([message])
-                return
-            except Exception as exc:
-                if self._clock() >= task.deadline:
-                    log.warning(
-                        "outcome not delivered before the deadline",
-                        extra={"requestId": str(task.request_id), "error": str(exc)},
-                    )
-                    return
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
 
     async def _listen_control(self) -> None:
         assert self._control is not None
@@ -469,26 +258,23 @@ class WorkerRuntime:
                 try:
                     control = ControlMessage.from_json(message.value)
                 except MalformedMessage as exc:
-                    await self._dead_letter(message, str(exc))
+                    await self._dead_letter(message, str(exc), dlq_topic(message.topic))
                     continue
                 self.cancel(control.request_id)
-            if batch:
-                await self._control.commit()
 
     def cancel(self, request_id: uuid.UUID) -> bool:
         """Interrupt the handler running ``request_id``; False if it is not running here."""
-        running = self._running.get(request_id)
-        if running is None:
+        attempt = self._running.get(request_id)
+        if attempt is None:
             return False
-        running.cancelled = True
-        running.job.cancel()
+        attempt.stop()
         log.info(
             "request cancelled on the worker",
             extra={"requestId": str(request_id), "workerType": self.app.type},
         )
         return True
 
-    async def _dead_letter(self, message: BusMessage, reason: str) -> None:
+    async def _dead_letter(self, message: BusMessage, reason: str, topic: str) -> None:
         log.warning(
             "message sent to the dead-letter queue",
             extra={"topic": message.topic, "reason": reason},
@@ -496,7 +282,7 @@ class WorkerRuntime:
         await self.bus.publish(
             [
                 BusMessage(
-                    dlq_topic(message.topic),
+                    topic,
                     message.key,
                     dead_letter(message.value, reason, self._clock()),
                     dict(message.headers),
@@ -509,23 +295,23 @@ class WorkerRuntime:
         timeout), then tell the orchestrator this worker is gone, and with ``give_back``
         which attempts it gave up, so that they are dispatched again at once."""
         self._stopping.set()
-        self._status = "DRAINING"
+        self.condition.draining()
         consume = self._tasks[0] if self._tasks else None
         if consume is not None:
             consume.cancel()
         if drain and self._running:
             with contextlib.suppress(Exception):
                 await self.heartbeat()
-            jobs = [r.job for r in self._running.values()]
+            jobs = [a.job for a in self._running.values() if a.job is not None]
             await asyncio.wait(jobs, timeout=self.drain_timeout)
         if give_back:  # named in the last heartbeat
-            for running in list(self._running.values()):
-                self._abandon(running, math.inf)
+            for attempt in list(self._running.values()):
+                self._give_up(attempt, float("inf"))
         await self._cancel_all()
-        self._status = "UNHEALTHY"
+        self.condition.stopped()
         with contextlib.suppress(Exception):
             await self.heartbeat()
-        for subscription in (self._requests, self._control):
+        for subscription in (self._inbox, self._control):
             if subscription is not None:
                 with contextlib.suppress(Exception):
                     await subscription.close()
@@ -536,18 +322,8 @@ class WorkerRuntime:
         await self._cancel_all()
 
     async def _cancel_all(self) -> None:
-        jobs = [r.job for r in self._running.values()]
+        jobs = [a.job for a in self._running.values() if a.job is not None]
         for task in [*self._tasks, *jobs]:
             task.cancel()
         await asyncio.gather(*self._tasks, *jobs, return_exceptions=True)
         self._tasks = []
-
-
-def _interrupt(task: Task) -> None:
-    for callback in task._on_cancel:
-        with contextlib.suppress(Exception):
-            callback()
-
-
-def _ms(started: float) -> int:
-    return int((time.perf_counter() - started) * 1000)

@@ -9,6 +9,7 @@ the process, which the orchestrator knows through ``durable = False``.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -56,12 +57,11 @@ class InProcessBus:
     """A :class:`~enginedge.application.ports.MessageBus` in memory."""
 
     durable = False
-    # The members of a group share one queue: one that leaves has nothing to hand over.
-    rebalance_seconds = 0.0
 
     def __init__(self) -> None:
         self._groups: dict[str, _Group] = {}
         self._unclaimed: dict[str, deque[BusMessage]] = {}
+        self._readers = itertools.count()
 
     async def publish(self, messages: Sequence[BusMessage]) -> None:
         for message in messages:
@@ -76,8 +76,10 @@ class InProcessBus:
                 )
 
     async def subscribe(
-        self, topics: Sequence[str], group: str, *, urgent: bool = True
+        self, topics: Sequence[str], group: str | None, *, urgent: bool = True
     ) -> InProcessSubscription:
+        if group is None:  # a reader of its own: a group no one else joins
+            group = f"\0reader-{next(self._readers)}"
         state = self._groups.setdefault(group, _Group(set()))
         new_topics = set(topics) - state.topics
         state.topics |= new_topics

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
@@ -67,11 +67,13 @@ def _headers(message: BusMessage) -> list[tuple[str, bytes]]:
 
 
 CLOSE_TIMEOUT_SECONDS = 5.0
-# Group membership timings of every consumer (aiokafka's defaults, named here because
-# KafkaBus.rebalance_seconds is derived from them): a member that stops heart-beating is
-# dropped after the session timeout; the others hear of a rebalance in the answer to their
-# next heartbeat; the coordinator waits at most the rebalance timeout for them to join again
-# (aiokafka's default: the session timeout).
+# The longest a publish may take, topic creation included: the scheduler publishes while it
+# holds the deployment's scheduling lock, so a broker that never answers must not hold it.
+PUBLISH_TIMEOUT_SECONDS = 12.0
+# Group membership timings of every consumer in a group (aiokafka's defaults): a member
+# that stops heart-beating is dropped after the session timeout; the others hear of a
+# rebalance in the answer to their next heartbeat; the coordinator waits at most the
+# rebalance timeout for them to join again (aiokafka's default: the session timeout).
 SESSION_TIMEOUT_MS = 10_000
 HEARTBEAT_INTERVAL_MS = 3_000
 REBALANCE_TIMEOUT_MS = SESSION_TIMEOUT_MS
@@ -81,10 +83,11 @@ RELAXED_FETCH_MAX_WAIT_MS = 250
 
 
 class KafkaSubscription:
-    """One consumer in a consumer group, started on first use."""
+    """One consumer in a consumer group, or a reader of its own by manual assignment of
+    every partition of its topics (no group), started on first use."""
 
     def __init__(
-        self, bus: KafkaBus, topics: Sequence[str], group: str, fetch_max_wait_ms: int
+        self, bus: KafkaBus, topics: Sequence[str], group: str | None, fetch_max_wait_ms: int
     ) -> None:
         self._bus = bus
         self._fetch_max_wait_ms = fetch_max_wait_ms
@@ -97,8 +100,10 @@ class KafkaSubscription:
     async def _ensure(self) -> AIOKafkaConsumer:
         if self._consumer is None:
             self._bus._subscriptions.add(self)  # again, if used after a close
+            if self._group is None:
+                await self._bus.prepare(self._topics)  # assigned partitions must exist
             consumer = AIOKafkaConsumer(
-                *self._topics,
+                *(self._topics if self._group is not None else ()),
                 group_id=self._group,
                 enable_auto_commit=False,
                 auto_offset_reset="earliest",
@@ -114,6 +119,8 @@ class KafkaSubscription:
             )
             try:
                 await consumer.start()
+                if self._group is None:
+                    consumer.assign(await self._partitions(consumer))
             except BaseException:
                 with contextlib.suppress(Exception):
                     await consumer.stop()
@@ -121,6 +128,21 @@ class KafkaSubscription:
             self._consumer = consumer
             self._paused = False
         return self._consumer
+
+    async def _partitions(self, _consumer: AIOKafkaConsumer) -> list[TopicPartition]:
+        """Every partition of the topics, once the broker's metadata names them."""
+        producer = await self._bus._ensure_producer()
+        for _ in range(50):
+            cluster = await producer.client.fetch_all_metadata()
+            found = [
+                TopicPartition(topic, p)
+                for topic in self._topics
+                for p in sorted(cluster.partitions_for_topic(topic) or ())
+            ]
+            if {tp.topic for tp in found} == set(self._topics):
+                return found
+            await asyncio.sleep(0.1)
+        raise ServiceUnavailable(f"message bus unavailable: no partitions for {self._topics}")
 
     async def next_batch(self, max_messages: int, timeout: float) -> list[BusMessage]:
         consumer = await self._ensure()
@@ -191,7 +213,7 @@ class KafkaSubscription:
                 await consumer.seek_to_beginning(partition)
 
     async def commit(self) -> None:
-        if self._consumer is None:
+        if self._consumer is None or self._group is None:
             return
         # A failure (the group rebalanced, the broker forgot it) is the caller's to log:
         # aiokafka rejoins by itself and the uncommitted messages come again.
@@ -203,7 +225,8 @@ class KafkaSubscription:
         # new subscription, and the bus would otherwise keep every closed one.
         self._bus._subscriptions.discard(self)
         if self._consumer is not None:
-            _leave_even_generation_zero(self._consumer)
+            if self._group is not None:
+                _leave_even_generation_zero(self._consumer)
             # Bounded: leaving the group waits for the broker, which may be gone.
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(CLOSE_TIMEOUT_SECONDS):
@@ -225,15 +248,6 @@ class KafkaBus:
     """A :class:`~enginedge.application.ports.MessageBus` on Kafka."""
 
     durable = True
-    # A member that leaves (LeaveGroup, see KafkaSubscription.close) starts a rebalance at
-    # once, but the others hear of it only in the answer to their next heartbeat (up to one
-    # heartbeat interval later), and the coordinator then waits for them to join again, at
-    # most the rebalance timeout (tansu closes its join window after about 5 s; Kafka as soon
-    # as every member is back). Whoever joins before that window closes is part of the new
-    # generation: the bound is the sum. (A member that vanishes without LeaveGroup
-    # keeps its partitions for a session timeout first; not counted: the worker sits out by
-    # leaving.)
-    rebalance_seconds = (HEARTBEAT_INTERVAL_MS + REBALANCE_TIMEOUT_MS) / 1000
 
     def __init__(self, settings: KafkaSettings) -> None:
         self.settings = settings
@@ -309,23 +323,27 @@ class KafkaBus:
         self._known_topics.update(missing)
 
     async def publish(self, messages: Sequence[BusMessage]) -> None:
-        producer = await self._ensure_producer()
         try:
-            # Topics are checked once, and again after any failure: a broker that lost them
-            # gets them back with their configured partitions, not auto-created ones.
-            await self.prepare(sorted({m.topic for m in messages}))
-            futures = [
-                await producer.send(m.topic, value=m.value, key=m.key.encode(), headers=_headers(m))
-                for m in messages
-            ]
-            await asyncio.gather(*futures)
-        except (KafkaError, OSError) as exc:
+            async with asyncio.timeout(PUBLISH_TIMEOUT_SECONDS):
+                producer = await self._ensure_producer()
+                # Topics are checked once, and again after any failure: a broker that lost
+                # them gets them back with their configured partitions, not auto-created ones.
+                await self.prepare(sorted({m.topic for m in messages}))
+                futures = [
+                    await producer.send(
+                        m.topic, value=m.value, key=m.key.encode(), headers=_headers(m)
+                    )
+                    for m in messages
+                ]
+                await asyncio.gather(*futures)
+        except (KafkaError, OSError, TimeoutError) as exc:
             self._failed()
-            raise ServiceUnavailable(f"message bus unavailable: {exc}") from exc
+            reason = str(exc) or f"no answer within {PUBLISH_TIMEOUT_SECONDS:g}s"
+            raise ServiceUnavailable(f"message bus unavailable: {reason}") from exc
         self._answered()
 
     async def subscribe(
-        self, topics: Sequence[str], group: str, *, urgent: bool = True
+        self, topics: Sequence[str], group: str | None, *, urgent: bool = True
     ) -> KafkaSubscription:
         wait = self.settings.fetch_max_wait_ms if urgent else RELAXED_FETCH_MAX_WAIT_MS
         subscription = KafkaSubscription(self, topics, group, wait)

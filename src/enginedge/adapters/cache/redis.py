@@ -100,7 +100,7 @@ def worker_from_json(raw: bytes | str) -> Worker:
         reason=d.get("reason"),
         in_flight=d.get("in_flight") or [],
         check_error=d.get("check_error"),
-        idle=bool(d.get("idle")),
+        inbox=d.get("inbox"),
     )
 
 

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
-from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import BaseModel
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from enginedge import __version__
-from enginedge.adapters.http.auth import KeyChecker, api_key_header, bearer, presented_key
+from enginedge.adapters.http.auth import Caller, KeyChecker, authenticated, tenants_of
 from enginedge.adapters.http.console import mount_console
 from enginedge.adapters.http.errors import install_error_handlers
 from enginedge.adapters.http.limits import BodySizeLimit
@@ -38,9 +38,15 @@ from enginedge.application.context import Context
 from enginedge.application.events import status_event
 from enginedge.application.health import check_components, fleet_counts, health
 from enginedge.application.ports import RequestQuery
+from enginedge.application.scheduler import queue_position, slots_in_use
+from enginedge.application.tenancy import Principal
+from enginedge.config import ApiKey
 from enginedge.domain.errors import InvalidPayload, RequestNotFound, WorkerNotFound
+from enginedge.domain.model import Request as DomainRequest
 from enginedge.domain.model import RequestEvent, RequestStatus
 from enginedge.service import Service
+
+log = logging.getLogger(__name__)
 
 SSE_IDLE_SECONDS = 15.0
 
@@ -57,20 +63,12 @@ async def get_ctx(request: Request) -> Context:
     return context_of(request)
 
 
-async def authenticated(
-    request: Request,
-    header_key: Annotated[str | None, Depends(api_key_header)],
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-) -> str:
-    """Authenticate the caller and count the call against its rate limit."""
-    checker: KeyChecker = request.app.state.keys
-    caller = checker.check(presented_key(header_key, credentials))
-    await use.check_rate(context_of(request), caller)
-    return caller
-
-
 Ctx = Annotated[Context, Depends(get_ctx)]
-Caller = Annotated[str, Depends(authenticated)]
+
+
+def _view(request: Request, r: DomainRequest, queue_position: int | None = None) -> RequestView:
+    """The API's view of a request, its tenant by name when the key has one."""
+    return RequestView.of(r, tenants_of(request).label(r.caller), queue_position)
 
 
 def _parse_id(request_id: str) -> uuid.UUID:
@@ -119,6 +117,7 @@ def _json(
     summary="Submit a task",
 )
 async def orchestrate(
+    request: Request,
     body: OrchestrateBody,
     ctx: Ctx,
     caller: Caller,
@@ -147,7 +146,7 @@ async def orchestrate(
         task_type=body.taskType,
         payload=body.payload,
         metadata=body.metadata or {},
-        caller=caller,
+        caller=caller.tenant,
         idempotency_key=idempotency_key,
         # The HTTP span's context when tracing, so the whole trace hangs from it.
         traceparent=current_traceparent() or traceparent,
@@ -158,8 +157,20 @@ async def orchestrate(
         submission = await use.submit(ctx, command)
     headers = None if submission.created else {"Idempotent-Replayed": "true"}
     r = submission.request
+    if submission.created:
+        log.info(
+            "request accepted",
+            extra={
+                "requestId": str(r.id),
+                "tenant": caller.label,
+                "taskType": r.task_type,
+                "workerType": r.worker_type,
+                "priority": r.priority,
+                "correlationId": r.correlation_id,
+            },
+        )
     if wait > 0 and r.terminal:
-        return _json(RequestView.of(r), 200, headers)
+        return _json(_view(request, r), 200, headers)
     return _json(
         OrchestrateResponse(
             requestId=str(r.id),
@@ -179,13 +190,16 @@ async def orchestrate(
     responses={404: {"model": ErrorBody, "description": "REQUEST_NOT_FOUND"}},
 )
 async def get_request(
+    request: Request,
     request_id: str,
     ctx: Ctx,
     caller: Caller,
     wait: Annotated[float, Query(ge=0, le=MAX_WAIT_SECONDS, description=WAIT_DESCRIPTION)] = 0,
 ) -> Response:
-    """Status, timestamps, attempts, worker, and the result or error once terminal."""
-    return _json(RequestView.of(await use.wait_for_request(ctx, _parse_id(request_id), wait)))
+    """Status, timestamps, attempts, worker, and the result or error once terminal. Another
+    tenant's request is not found (an operator's key sees every tenant's)."""
+    found = await use.wait_for_request(ctx, _parse_id(request_id), wait, viewer=caller)
+    return _json(_view(request, found, await queue_position(ctx, found)))
 
 
 def _parse_time(value: str | None, name: str) -> datetime | None:
@@ -200,6 +214,7 @@ def _parse_time(value: str | None, name: str) -> datetime | None:
 
 @api.get("/requests", response_model=RequestPage)
 async def list_requests(
+    request: Request,
     ctx: Ctx,
     caller: Caller,
     status: Annotated[
@@ -210,9 +225,19 @@ async def list_requests(
     until: Annotated[str | None, Query(description="Created before (ISO-8601)")] = None,
     limit: Annotated[int, Query(ge=1, le=use.MAX_PAGE)] = 50,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
+    tenant: Annotated[
+        str | None,
+        Query(
+            max_length=64,
+            description="Only this tenant's requests: a key's name or its tenant hash "
+            "(operators; a tenant's key lists only its own requests anyway)",
+        ),
+    ] = None,
 ) -> RequestPage:
-    """Requests, newest first, with cursor pagination."""
+    """Requests, newest first, with cursor pagination: the caller's own, or every tenant's
+    for an operator's key."""
     statuses = parse_statuses(status)
+    only = _tenant_filter(request, caller, tenant)
     position = None
     if cursor is not None:
         position = use.decode_cursor(cursor)
@@ -227,9 +252,26 @@ async def list_requests(
             created_before=_parse_time(until, "until"),
             limit=limit,
             cursor=position,
+            caller=only,
         ),
+        viewer=caller,
     )
-    return RequestPage(items=[RequestView.of(r) for r in rows], nextCursor=next_cursor)
+    return RequestPage(items=[_view(request, r) for r in rows], nextCursor=next_cursor)
+
+
+def _tenant_filter(request: Request, caller: Principal, tenant: str | None) -> str | None:
+    """The tenant ``?tenant=`` names. A name no key has is refused for an operator; for
+    a tenant's key anything but itself just lists nothing (it says nothing about others)."""
+    if tenant is None:
+        return None
+    resolved = tenants_of(request).resolve(tenant)
+    if resolved is not None:
+        return resolved
+    if caller.admin:
+        raise InvalidPayload(
+            f"tenant {tenant[:64]!r} is neither a key's name nor a tenant hash (16 hex digits)"
+        )
+    return tenant
 
 
 @api.post(
@@ -240,9 +282,21 @@ async def list_requests(
         409: {"model": ErrorBody, "description": "CANNOT_CANCEL"},
     },
 )
-async def cancel_request(request_id: str, ctx: Ctx, caller: Caller) -> RequestView:
-    """Cancel a request that has not finished; its worker is told to stop."""
-    return RequestView.of(await use.cancel(ctx, _parse_id(request_id)))
+async def cancel_request(
+    request: Request, request_id: str, ctx: Ctx, caller: Caller
+) -> RequestView:
+    """Cancel a request that has not finished; its worker is told to stop. Another tenant's
+    request is not found (an operator's key may cancel every tenant's)."""
+    cancelled = await use.cancel(ctx, _parse_id(request_id), viewer=caller)
+    log.info(
+        "request cancelled",
+        extra={
+            "requestId": str(cancelled.id),
+            "tenant": tenants_of(request).label(cancelled.caller),
+            "cancelledBy": caller.label,
+        },
+    )
+    return _view(request, cancelled)
 
 
 def _sse(event: RequestEvent) -> ServerSentEvent:
@@ -292,9 +346,11 @@ async def request_events(
     lastEventId: Annotated[str | None, Query(max_length=64)] = None,
 ) -> EventSourceResponse:
     """Server-Sent Events: every status change and partial result until the request ends.
-    Reconnect with ``Last-Event-ID`` to resume where the stream stopped."""
+    Reconnect with ``Last-Event-ID`` to resume where the stream stopped. Another tenant's
+    request is not found (an operator's key follows every tenant's)."""
     rid = _parse_id(request_id)
-    request = await use.get_request(ctx, rid)
+    # Who may follow it is known from the request itself, read before any event is.
+    request = await use.get_request(ctx, rid, viewer=caller)
     after = last_event_id or lastEventId
     if request.terminal:
         history = await ctx.events.history(rid, after)
@@ -317,9 +373,12 @@ async def list_workers(ctx: Ctx, caller: Caller) -> WorkerList:
     """The registry: every known worker with its health and load."""
     now = ctx.clock.now()
     workers = await ctx.registry.all() or await ctx.store.list_workers()
+    in_use = await slots_in_use(ctx)
     return WorkerList(
         items=[
-            WorkerView.of(w, w.effective_status(now, ctx.policy.heartbeat_ttl).value)
+            WorkerView.of(
+                w, w.effective_status(now, ctx.policy.heartbeat_ttl).value, in_use.get(w.id, 0)
+            )
             for w in sorted(workers, key=lambda w: (w.type, w.id))
         ]
     )
@@ -337,7 +396,7 @@ async def get_worker(worker_id: str, ctx: Ctx, caller: Caller) -> WorkerView:
     if worker is None:
         raise WorkerNotFound(f"Worker {worker_id[:64]} not found")
     status = worker.effective_status(ctx.clock.now(), ctx.policy.heartbeat_ttl)
-    return WorkerView.of(worker, status.value)
+    return WorkerView.of(worker, status.value, (await slots_in_use(ctx)).get(worker.id, 0))
 
 
 probes = APIRouter(tags=["probes"])
@@ -402,12 +461,18 @@ async def metrics(request: Request, ctx: Ctx) -> Response:
     # The store being down must not hide the other series (/ready reports it).
     with contextlib.suppress(Exception):
         service.metrics.outbox_backlog.set(await ctx.store.outbox_backlog())
-        waiting = await ctx.store.waiting_by_worker_type()
-        service.metrics.set_queue_depth({t: 0 for t in fleet} | waiting)
+        service.metrics.set_queue_depth(await ctx.store.queue_depth(), fleet)
+        counts = await ctx.store.tenant_counts()
+        service.metrics.set_tenants(
+            {
+                name: (counts[t].waiting, counts[t].running) if t in counts else (0, 0)
+                for t, name in ctx.tenants.named().items()
+            }
+        )
     return Response(service.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-def create_app(service: Service, keys: list[str], max_body_bytes: int) -> FastAPI:
+def create_app(service: Service, keys: Sequence[ApiKey], max_body_bytes: int) -> FastAPI:
     """The ASGI app around a built (not yet started) :class:`Service`."""
 
     @asynccontextmanager
@@ -422,7 +487,9 @@ def create_app(service: Service, keys: list[str], max_body_bytes: int) -> FastAP
         title="EnginEdge Main Hexagon",
         version=__version__,
         description="Orchestrator for AI/ML workloads: submit tasks, follow them, watch the "
-        "fleet. Authenticate with `X-API-Key` (or `Authorization: Bearer`).",
+        "fleet. Authenticate with `X-API-Key` (or `Authorization: Bearer`). Each key is a "
+        "tenant and sees only its own requests; operators' keys (`ADMIN_API_KEYS`) see every "
+        "tenant's.",
         lifespan=lifespan,
         # Spans come from TracingMiddleware (Tracing, configured by OTEL_*): FastAPI's own
         # instrumentation would double them, and costs a check of the providers per call.
@@ -432,6 +499,8 @@ def create_app(service: Service, keys: list[str], max_body_bytes: int) -> FastAP
     app.add_middleware(TracingMiddleware, tracing=service.tracing)
     app.state.service = service
     app.state.keys = KeyChecker(keys)
+    # One directory of names for the API, the logs and the metrics.
+    service.ctx.tenants = app.state.keys.tenants
     install_error_handlers(app)
     app.include_router(api)
     app.include_router(probes)

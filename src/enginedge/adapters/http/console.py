@@ -6,6 +6,10 @@ step, nothing fetched from elsewhere. It calls the API with the key in the ``X-A
 header (kept in the browser's sessionStorage, never in a URL), and reads the live feed with
 ``fetch`` and a stream reader, since ``EventSource`` cannot send headers.
 
+What a key sees is what the API shows it (SPEC §3): a tenant's key its own requests and
+activity, an operator's key (``ADMIN_API_KEYS``) every tenant's, with a tenant column, and
+the dead letters; every key sees the fleet.
+
 The live feed is pushed by the server, which reads the shared store and worker registry
 every second and sends what changed. Reading shared state (rather than following one
 replica's in-memory events) is what lets any replica serve the console: a request's changes
@@ -29,12 +33,14 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import Field
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from enginedge.adapters.http.auth import Caller, tenants_of
 from enginedge.adapters.http.params import context_of, parse_statuses
 from enginedge.adapters.http.schemas import ErrorBody, Model, WorkerView
 from enginedge.application import console as use
 from enginedge.application import requests as requests_use
 from enginedge.application.context import Context
 from enginedge.application.ports import DeadLetter, RequestQuery
+from enginedge.application.tenancy import Principal, Tenants
 from enginedge.domain.model import Request as DomainRequest
 
 ASSETS = Path(__file__).parent / "console"
@@ -55,6 +61,9 @@ class RequestSummary(Model):
     """A row of the console's request table."""
 
     requestId: str
+    tenant: str | None = Field(
+        description="Whose request: its key's name, else the key's tenant hash"
+    )
     taskType: str
     status: str
     workerType: str
@@ -67,10 +76,11 @@ class RequestSummary(Model):
     error: str | None
 
     @classmethod
-    def of(cls, r: DomainRequest) -> RequestSummary:
-        """The summary of a request."""
+    def of(cls, r: DomainRequest, tenant: str | None = None) -> RequestSummary:
+        """The summary of a request; ``tenant`` is how to call its tenant (default: hash)."""
         return cls(
             requestId=str(r.id),
+            tenant=tenant if tenant is not None else r.caller,
             taskType=r.task_type,
             status=r.status.value,
             workerType=r.worker_type,
@@ -136,6 +146,15 @@ class DeadLetterList(Model):
     items: list[DeadLetterView]
 
 
+class SessionView(Model):
+    """Who the console is signed in as."""
+
+    tenant: str = Field(description="The key's name, else its tenant hash")
+    admin: bool = Field(
+        description="An operator's key: every tenant's requests, and the dead letters"
+    )
+
+
 def _activity_view(activity: use.Activity) -> ActivityView:
     return ActivityView(
         start=activity.start,
@@ -166,31 +185,48 @@ async def _workers_payload(ctx: Context) -> dict[str, Any]:
 api = APIRouter(prefix="/api/console", tags=["console"])
 
 
+@api.get("/session", response_model=SessionView)
+async def session(caller: Caller) -> SessionView:
+    """The key the console signed in with: its tenant and whether it is an operator's."""
+    return SessionView(tenant=caller.label, admin=caller.admin)
+
+
 @api.get("/activity", response_model=ActivityView)
 async def activity(
-    request: Request, minutes: Annotated[int, Query(ge=1, le=60)] = 10
+    request: Request, caller: Caller, minutes: Annotated[int, Query(ge=1, le=60)] = 10
 ) -> ActivityView:
     """Throughput, latency quantiles and queue depth per worker type over the last
-    ``minutes``, in 60 buckets; read from the shared store, the same on every replica."""
-    return _activity_view(await use.activity(context_of(request), minutes))
+    ``minutes``, in 60 buckets; read from the shared store, the same on every replica.
+    A tenant's key sees its own requests' activity, an operator's key everyone's."""
+    return _activity_view(await use.activity(context_of(request), minutes, caller))
 
 
 @api.get("/dead-letters", response_model=DeadLetterList)
 async def dead_letters(
-    request: Request, limit: Annotated[int, Query(ge=1, le=500)] = 100
+    request: Request, caller: Caller, limit: Annotated[int, Query(ge=1, le=500)] = 100
 ) -> DeadLetterList:
-    """What landed on the dead-letter topics, and why, newest first (kept 30 days)."""
-    letters = await use.dead_letters(context_of(request), limit)
+    """What landed on the dead-letter topics, and why, newest first (kept 30 days). For
+    operators' keys only: a tenant's key gets an empty list."""
+    letters = await use.dead_letters(context_of(request), limit, caller)
     return DeadLetterList(items=[DeadLetterView.of(d) for d in letters])
 
 
 class _Feed:
     """One console's live feed: sends each part when it differs from what was last sent."""
 
-    def __init__(self, ctx: Context, query: RequestQuery, since_minutes: int | None) -> None:
+    def __init__(
+        self,
+        ctx: Context,
+        query: RequestQuery,
+        since_minutes: int | None,
+        viewer: Principal,
+        tenants: Tenants,
+    ) -> None:
         self.ctx = ctx
         self.query = query
         self.since_minutes = since_minutes
+        self.viewer = viewer
+        self.tenants = tenants
         self.sent: dict[str, str] = {}
 
     def _changed(self, name: str, body: bytes) -> bool:
@@ -210,12 +246,17 @@ class _Feed:
                 created_after=since,
                 limit=query.limit,
             )
-        rows, _ = await requests_use.list_requests(self.ctx, query)
-        return {"items": [RequestSummary.of(r).model_dump(mode="json") for r in rows]}
+        rows, _ = await requests_use.list_requests(self.ctx, query, viewer=self.viewer)
+        return {
+            "items": [
+                RequestSummary.of(r, self.tenants.label(r.caller)).model_dump(mode="json")
+                for r in rows
+            ]
+        }
 
     async def _slow(self) -> list[tuple[str, Any]]:
-        activity = _activity_view(await use.activity(self.ctx, 10))
-        letters = [DeadLetterView.of(d) for d in await use.dead_letters(self.ctx, 100)]
+        activity = _activity_view(await use.activity(self.ctx, 10, self.viewer))
+        letters = [DeadLetterView.of(d) for d in await use.dead_letters(self.ctx, 100, self.viewer)]
         return [
             ("activity", activity.model_dump(mode="json")),
             ("deadLetters", {"items": [d.model_dump(mode="json") for d in letters]}),
@@ -252,13 +293,16 @@ class _Feed:
             "content": {"text/event-stream": {}},
             "description": "Events `requests` (RequestSummary items), `workers` (WorkerList), "
             "`activity` (ActivityView), `deadLetters` (DeadLetterList) and `error`, each sent "
-            "when it changes (checked every second; activity and dead letters every 3 s)",
+            "when it changes (checked every second; activity and dead letters every 3 s). "
+            "A tenant's key gets its own requests and activity and no dead letters; an "
+            "operator's key everything",
         },
         422: {"model": ErrorBody, "description": "INVALID_REQUEST_PAYLOAD"},
     },
 )
 async def feed(
     request: Request,
+    caller: Caller,
     status: Annotated[
         list[str] | None, Query(description="Repeat or comma-separate: PENDING, COMPLETED, ...")
     ] = None,
@@ -272,7 +316,8 @@ async def feed(
     the fleet, recent activity and dead letters, each sent again whenever it changes."""
     query = RequestQuery(statuses=parse_statuses(status), task_type=taskType, limit=limit)
     ctx = context_of(request)
-    feed = ctx.waiters.until_closed(_Feed(ctx, query, sinceMinutes).events())
+    events = _Feed(ctx, query, sinceMinutes, caller, tenants_of(request)).events()
+    feed = ctx.waiters.until_closed(events)
     return EventSourceResponse(feed, ping=15, send_timeout=30)
 
 

@@ -73,6 +73,10 @@ class OrchestrateResponse(Model):
 
 class RequestView(Model):
     requestId: str
+    tenant: str | None = Field(
+        description="Whose request it is: the name of the API key that submitted it, or "
+        "the key's tenant hash (16 hex digits) if it has no name"
+    )
     taskType: str
     status: str
     workerType: str
@@ -92,11 +96,21 @@ class RequestView(Model):
     result: dict[str, Any] | None
     error: str | None
     processingTime: int | None = Field(description="Milliseconds the worker spent on it")
+    queuePosition: int | None = Field(
+        default=None,
+        description="While it waits (PENDING), shown by GET /api/requests/{id}: how many "
+        "waiting requests of its worker type go before it by priority and age, plus one "
+        "(fair shares across tenants may take it sooner); null otherwise",
+    )
 
     @classmethod
-    def of(cls, r: Request) -> RequestView:
+    def of(
+        cls, r: Request, tenant: str | None = None, queue_position: int | None = None
+    ) -> RequestView:
+        """The view of ``r``; ``tenant`` is how to call its tenant (default: its hash)."""
         return cls(
             requestId=str(r.id),
+            tenant=tenant if tenant is not None else r.caller,
             taskType=r.task_type,
             status=r.status.value,
             workerType=r.worker_type,
@@ -116,6 +130,7 @@ class RequestView(Model):
             result=r.result,
             error=r.error,
             processingTime=r.processing_time_ms,
+            queuePosition=queue_position,
         )
 
 
@@ -133,14 +148,18 @@ class WorkerView(Model):
     status: Literal["HEALTHY", "UNHEALTHY", "DRAINING"]
     capabilities: list[str]
     capacity: int
-    active: int
+    active: int = Field(description="Requests it runs, as its last heartbeat said")
+    slotsInUse: int = Field(
+        description="Slots taken by the requests the scheduler handed it (dispatched or "
+        "running): what the scheduler counts; at most its capacity"
+    )
     load: float
     lastHeartbeat: datetime
     lastHealthCheck: datetime | None
     statusReason: str | None
 
     @classmethod
-    def of(cls, w: Worker, status: str) -> WorkerView:
+    def of(cls, w: Worker, status: str, slots_in_use: int = 0) -> WorkerView:
         return cls(
             workerId=w.id,
             type=w.type,
@@ -149,6 +168,7 @@ class WorkerView(Model):
             capabilities=w.capabilities,
             capacity=w.capacity,
             active=w.active,
+            slotsInUse=slots_in_use,
             load=w.load,
             lastHeartbeat=w.last_heartbeat,
             lastHealthCheck=w.last_health_check,

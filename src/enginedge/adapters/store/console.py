@@ -39,18 +39,21 @@ class SqlConsoleStore:
             async with self.read_engine.connect() as conn:
                 return list(await conn.execute(query))
 
-    async def request_timings(self, since: datetime, limit: int) -> list[RequestTiming]:
+    async def request_timings(
+        self, since: datetime, limit: int, caller: str | None = None
+    ) -> list[RequestTiming]:
         # A terminal request's updated_at is when it finished: both reads use the
-        # (status, updated_at) index.
+        # (status, updated_at) index; one tenant's are filtered from those rows.
+        mine = [t.requests.c.api_key_hash == caller] if caller is not None else []
         finished = await self._fetch(
             select(*_TIMING_COLUMNS)
-            .where(t.requests.c.status.in_(_TERMINAL), t.requests.c.updated_at >= since)
+            .where(t.requests.c.status.in_(_TERMINAL), t.requests.c.updated_at >= since, *mine)
             .order_by(t.requests.c.updated_at.desc())
             .limit(limit)
         )
         active = await self._fetch(
             select(*_TIMING_COLUMNS)
-            .where(t.requests.c.status.in_(_ACTIVE))
+            .where(t.requests.c.status.in_(_ACTIVE), *mine)
             .order_by(t.requests.c.updated_at.desc())
             .limit(limit)
         )

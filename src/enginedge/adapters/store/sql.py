@@ -15,13 +15,14 @@ from typing import Any
 from sqlalchemy import (
     Integer,
     Select,
+    String,
     bindparam,
     delete,
     func,
     insert,
     or_,
     select,
-    tuple_,
+    text,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -32,7 +33,13 @@ from sqlalchemy.sql.expression import Executable
 from enginedge.adapters.store import tables as t
 from enginedge.adapters.store.migrate import alembic_version
 from enginedge.adapters.telemetry.tracing import Tracing
-from enginedge.application.ports import IdempotencyKeyTaken, OutboxMessage, RequestQuery
+from enginedge.application.ports import (
+    IdempotencyKeyTaken,
+    OutboxMessage,
+    RequestQuery,
+    RunningCounts,
+    TenantCounts,
+)
 from enginedge.domain.errors import ServiceUnavailable
 from enginedge.domain.model import (
     TERMINAL_STATUSES,
@@ -42,6 +49,7 @@ from enginedge.domain.model import (
     Worker,
     WorkerStatus,
 )
+from enginedge.domain.scheduling import Waiting
 
 _ACTIVE = [s.value for s in RequestStatus if s not in TERMINAL_STATUSES]
 _IN_FLIGHT = [RequestStatus.DISPATCHED.value, RequestStatus.PROCESSING.value]
@@ -96,6 +104,7 @@ def _to_request(row: Any) -> Request:
         result=m.get("result"),
         error=m.get("error"),
         processing_time_ms=m.get("processing_time"),
+        dispatch_after=m["dispatch_after"],
     )
 
 
@@ -120,6 +129,7 @@ def _request_values(r: Request) -> dict[str, Any]:
         "dispatched_at": r.dispatched_at,
         "started_at": r.started_at,
         "finished_at": r.finished_at,
+        "dispatch_after": r.dispatch_after,
     }
 
 
@@ -133,6 +143,7 @@ def _state_values(r: Request) -> dict[str, Any]:
         "dispatched_at": r.dispatched_at,
         "started_at": r.started_at,
         "finished_at": r.finished_at,
+        "dispatch_after": r.dispatch_after,
     }
 
 
@@ -150,6 +161,7 @@ _SAVE_STATE = (
                 "dispatched_at",
                 "started_at",
                 "finished_at",
+                "dispatch_after",
             )
         }
     )
@@ -175,20 +187,62 @@ _CLAIM_OUTBOX = (
 )
 _CLAIM_OUTBOX_SKIP_LOCKED = _CLAIM_OUTBOX.with_for_update(skip_locked=True)
 _DELETE_OUTBOX = delete(t.outbox).where(t.outbox.c.id.in_(bindparam("ids", expanding=True)))
+_PENDING = RequestStatus.PENDING.value
 _MARK_DISPATCHED = (
     update(t.requests)
     .where(
-        t.requests.c.status == RequestStatus.PENDING.value,
-        tuple_(t.requests.c.id, t.requests.c.attempts).in_(
-            bindparam("pending_attempts", expanding=True)
-        ),
+        t.requests.c.id == bindparam("request_id"),
+        t.requests.c.status == _PENDING,
+        t.requests.c.attempts == bindparam("attempt"),
     )
     .values(
         status=RequestStatus.DISPATCHED.value,
+        worker_id=bindparam("worker_id"),
         dispatched_at=bindparam("now"),
         updated_at=bindparam("now"),
+        dispatch_after=None,
     )
-    .returning(*t.requests.c)
+)
+_TENANT = func.coalesce(t.requests.c.api_key_hash, "")
+_RANKED = (
+    select(
+        t.requests.c.id,
+        t.requests.c.worker_type,
+        t.requests.c.task_type,
+        t.requests.c.priority,
+        _TENANT.label("tenant"),
+        t.requests.c.created_at,
+        func.row_number()
+        .over(
+            partition_by=(t.requests.c.worker_type, t.requests.c.priority, _TENANT),
+            order_by=(t.requests.c.created_at, t.requests.c.id),
+        )
+        .label("place"),
+    )
+    .where(
+        t.requests.c.status == _PENDING,
+        t.requests.c.worker_type.in_(bindparam("worker_types", expanding=True)),
+        or_(t.requests.c.dispatch_after.is_(None), t.requests.c.dispatch_after <= bindparam("now")),
+    )
+    .subquery()
+)
+_QUEUE_HEADS = select(_RANKED).where(_RANKED.c.place <= bindparam("per_tenant", type_=Integer))
+_RUNNING_COUNTS = (
+    select(t.requests.c.worker_id, _TENANT, func.count())
+    .where(t.requests.c.status.in_(_IN_FLIGHT))
+    .group_by(t.requests.c.worker_id, _TENANT)
+)
+# Any 64-bit number, the same in every replica: the key of the scheduling lock.
+SCHEDULING_LOCK = 0x656E67696E656467  # "enginedg"
+# Waiting for it is bounded (and so is every row lock the pass then takes): a replica whose
+# pass hangs holds the others up for at most this long, then they fail and retry.
+_LOCK_SCHEDULING = text(
+    f"SELECT set_config('lock_timeout', '20s', true), pg_advisory_xact_lock({SCHEDULING_LOCK})"
+)
+
+
+_COUNT_WAITING = select(func.count()).where(
+    t.requests.c.status == _PENDING, t.requests.c.api_key_hash == bindparam("tenant", type_=String)
 )
 
 
@@ -220,6 +274,7 @@ def _to_worker(row: Any) -> Worker:
         last_health_check=m["last_health_check"],
         first_seen=m["created_at"],
         reason=m["status_reason"],
+        inbox=m["inbox"],
     )
 
 
@@ -295,8 +350,6 @@ class SqlTransaction:
                     "key": m.key,
                     "value": m.value.decode(),
                     "headers": m.headers,
-                    "request_id": m.request_id,
-                    "attempt": m.attempt,
                     "available_at": m.available_at or now,
                 }
                 for m in messages
@@ -313,8 +366,6 @@ class SqlTransaction:
                 value=row.value.encode(),
                 headers=dict(row.headers),
                 available_at=row.available_at,
-                request_id=row.request_id,
-                attempt=row.attempt,
             )
             for row in await self._conn.execute(query, {"now": now, "limit": limit})
         ]
@@ -323,12 +374,52 @@ class SqlTransaction:
         if ids:
             await self._conn.execute(_DELETE_OUTBOX, {"ids": list(ids)})
 
-    async def mark_dispatched(
-        self, attempts: Sequence[tuple[uuid.UUID, int]], now: datetime
-    ) -> list[Request]:
-        return await self._requests(
-            _MARK_DISPATCHED, {"pending_attempts": list(attempts), "now": now}
+    async def lock_scheduling(self) -> None:
+        # SQLite: the store's one writing connection already runs one transaction at a time.
+        if self._postgres:
+            await self._conn.execute(_LOCK_SCHEDULING)
+
+    async def running_counts(self) -> RunningCounts:
+        by_worker: dict[str, int] = {}
+        by_tenant: dict[str, int] = {}
+        for worker_id, tenant, count in await self._conn.execute(_RUNNING_COUNTS):
+            if worker_id is not None:
+                by_worker[worker_id] = by_worker.get(worker_id, 0) + count
+            by_tenant[tenant] = by_tenant.get(tenant, 0) + count
+        return RunningCounts(by_worker, by_tenant)
+
+    async def queue_heads(
+        self, worker_types: Sequence[str], per_tenant: int, now: datetime
+    ) -> list[Waiting]:
+        if not worker_types or per_tenant <= 0:
+            return []
+        rows = await self._conn.execute(
+            _QUEUE_HEADS,
+            {"worker_types": list(worker_types), "now": now, "per_tenant": per_tenant},
         )
+        return [
+            Waiting(
+                id=row.id,
+                worker_type=row.worker_type,
+                task_type=row.task_type,
+                priority=row.priority,
+                tenant=row.tenant,
+                queued_at=row.created_at,
+            )
+            for row in rows
+        ]
+
+    async def mark_dispatched(
+        self, assignments: Sequence[tuple[uuid.UUID, int, str]], now: datetime
+    ) -> None:
+        if assignments:
+            await self._conn.execute(
+                _MARK_DISPATCHED,
+                [
+                    {"request_id": rid, "attempt": attempt, "worker_id": worker, "now": now}
+                    for rid, attempt, worker in assignments
+                ],
+            )
 
     async def lock_overdue(self, now: datetime, limit: int) -> list[Request]:
         return await self._requests(
@@ -336,19 +427,6 @@ class SqlTransaction:
                 _request_select()
                 .where(t.requests.c.status.in_(_ACTIVE), t.requests.c.deadline < now)
                 .order_by(t.requests.c.deadline)
-                .limit(limit),
-                skip_locked=True,
-            )
-        )
-
-    async def lock_unclaimed(self, dispatched_before: datetime, limit: int) -> list[Request]:
-        return await self._requests(
-            self._locked(
-                _request_select()
-                .where(
-                    t.requests.c.status == RequestStatus.DISPATCHED.value,
-                    t.requests.c.dispatched_at < dispatched_before,
-                )
                 .limit(limit),
                 skip_locked=True,
             )
@@ -364,7 +442,8 @@ class SqlTransaction:
         if worker_ids is not None:
             query = query.where(t.requests.c.worker_id.in_(list(worker_ids)))
         if started_before is not None:
-            query = query.where(t.requests.c.started_at < started_before)
+            since = func.coalesce(t.requests.c.started_at, t.requests.c.dispatched_at)
+            query = query.where(since < started_before)
         return await self._requests(self._locked(query, skip_locked=True))
 
     async def save_worker(self, worker: Worker) -> None:
@@ -380,6 +459,7 @@ class SqlTransaction:
             "active": worker.active,
             "last_heartbeat": worker.last_heartbeat,
             "status_reason": worker.check_error or worker.reason,
+            "inbox": worker.inbox,
             "updated_at": worker.last_heartbeat,
         }
         dialect = postgresql if self._postgres else sqlite
@@ -419,7 +499,7 @@ class SqlStore:
                     # no per-transaction setting: it stays durable.
                     await conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
 
-    async def _fetch(self, query: Select[Any], params: dict[str, Any] | None = None) -> list[Any]:
+    async def _fetch(self, query: Executable, params: dict[str, Any] | None = None) -> list[Any]:
         with unavailable_on_error():
             async with self.engine.connect() as conn:
                 return list(await conn.execute(query, params))
@@ -458,17 +538,49 @@ class SqlStore:
         rows = await self._fetch(select(func.count()).select_from(t.outbox))
         return int(rows[0][0])
 
-    async def waiting_by_worker_type(self) -> dict[str, int]:
+    async def queue_depth(self) -> dict[tuple[str, int], int]:
         rows = await self._fetch(
-            select(t.requests.c.worker_type, func.count())
-            .where(
-                t.requests.c.status.in_(
-                    [RequestStatus.PENDING.value, RequestStatus.DISPATCHED.value]
-                )
-            )
-            .group_by(t.requests.c.worker_type)
+            select(t.requests.c.worker_type, t.requests.c.priority, func.count())
+            .where(t.requests.c.status == _PENDING)
+            .group_by(t.requests.c.worker_type, t.requests.c.priority)
         )
-        return {row[0]: int(row[1]) for row in rows}
+        return {(row[0], int(row[1])): int(row[2]) for row in rows}
+
+    async def tenant_counts(self) -> dict[str, TenantCounts]:
+        rows = await self._fetch(
+            select(_TENANT, t.requests.c.status, func.count())
+            .where(t.requests.c.status.in_(_ACTIVE))
+            .group_by(_TENANT, t.requests.c.status)
+        )
+        counts: dict[str, TenantCounts] = {}
+        for tenant, status, count in rows:
+            old = counts.get(tenant, TenantCounts())
+            counts[tenant] = (
+                TenantCounts(old.waiting + count, old.running)
+                if status == _PENDING
+                else TenantCounts(old.waiting, old.running + count)
+            )
+        return counts
+
+    async def count_waiting(self, tenant: str) -> int:
+        rows = await self._fetch(_COUNT_WAITING, {"tenant": tenant})
+        return int(rows[0][0])
+
+    async def queue_position(self, request: Request) -> int | None:
+        if request.status is not RequestStatus.PENDING:
+            return None
+        c = t.requests.c
+        rows = await self._fetch(
+            select(func.count()).where(
+                c.status == _PENDING,
+                c.worker_type == request.worker_type,
+                or_(
+                    c.priority > request.priority,
+                    (c.priority == request.priority) & (c.created_at < request.created_at),
+                ),
+            )
+        )
+        return int(rows[0][0]) + 1
 
     async def ping(self) -> None:
         rows = await self._fetch(select(alembic_version.c.version_num))

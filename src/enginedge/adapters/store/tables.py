@@ -77,9 +77,22 @@ requests = Table(
     Column("dispatched_at", UTCDateTime),
     Column("started_at", UTCDateTime),
     Column("finished_at", UTCDateTime),
+    Column("dispatch_after", UTCDateTime),
     Index("ix_requests_created", "created_at", "id"),
     Index("ix_requests_status_updated", "status", "updated_at"),
     Index("ix_requests_worker", "worker_id"),
+    # A tenant's own list, newest first (migration 0003).
+    Index("ix_requests_tenant_created", "api_key_hash", "created_at", "id"),
+    # The scheduler's queue (migration 0003): the waiting requests of a band, per tenant.
+    Index(
+        "ix_requests_queue",
+        "worker_type",
+        "priority",
+        "api_key_hash",
+        "created_at",
+        postgresql_where=text("status = 'PENDING'"),
+        sqlite_where=text("status = 'PENDING'"),
+    ),
     Index(
         "ux_requests_idempotency",
         "api_key_hash",
@@ -121,6 +134,7 @@ workers = Table(
     Column("active", Integer, nullable=False, server_default="0"),
     Column("last_heartbeat", UTCDateTime),
     Column("status_reason", Text),
+    Column("inbox", String(255)),
 )
 
 outbox = Table(
@@ -133,8 +147,6 @@ outbox = Table(
     Column("key", String(255), nullable=False),
     Column("value", Text, nullable=False),
     Column("headers", Json, nullable=False),
-    Column("request_id", Uuid),
-    Column("attempt", Integer),
     Column("available_at", UTCDateTime, nullable=False),
     Column("created_at", UTCDateTime, server_default=func.now()),
     Index("ix_outbox_available", "available_at", "id"),

@@ -108,9 +108,10 @@ class PrometheusMetrics:
             ["task_type", "worker_type"],
             registry=r,
         )
-        self.dispatch_latency = Histogram(
-            "enginedge_dispatch_latency_seconds",
-            "Time from acceptance to the dispatch reaching the bus",
+        self.queue_wait = Histogram(
+            "enginedge_queue_wait_seconds",
+            "Time from acceptance until the scheduler handed the request to a worker (its "
+            "dispatch on the bus): the wait in the queue, the dispatch latency",
             ["worker_type"],
             buckets=LATENCY_BUCKETS,
             registry=r,
@@ -138,8 +139,15 @@ class PrometheusMetrics:
         )
         self.queue_depth = Gauge(
             "enginedge_queue_depth",
-            "Requests waiting for a worker to start them (PENDING or DISPATCHED); fleet-wide",
-            ["worker_type"],
+            "Requests waiting in the queue for a worker slot (PENDING); fleet-wide",
+            ["worker_type", "priority"],
+            registry=r,
+        )
+        self.tenant_requests = Gauge(
+            "enginedge_tenant_requests",
+            "Requests of each named API key, waiting (PENDING) or running (handed to a "
+            "worker); fleet-wide",
+            ["tenant", "state"],
             registry=r,
         )
         self.outbox_backlog = Gauge(
@@ -166,7 +174,7 @@ class PrometheusMetrics:
         self.duration_histogram.observe(duration_seconds)
 
     def dispatched(self, worker_type: str, latency_seconds: float) -> None:
-        self.dispatch_latency.labels(worker_type).observe(latency_seconds)
+        self.queue_wait.labels(worker_type).observe(latency_seconds)
 
     def redispatched(self, reason: str) -> None:
         self.redispatches.labels(reason).inc()
@@ -188,10 +196,23 @@ class PrometheusMetrics:
             healthy_total += c["healthy"]
         self.workers_active.set(healthy_total)
 
-    def set_queue_depth(self, waiting: dict[str, int]) -> None:
+    def set_queue_depth(
+        self, waiting: dict[tuple[str, int], int], worker_types: Iterable[str] = ()
+    ) -> None:
+        """Per (worker type, priority); each of ``worker_types`` gets a series even with
+        nothing waiting (priority 0), so that an autoscaler reads 0, not no data."""
         self.queue_depth.clear()
-        for worker_type, count in waiting.items():
-            self.queue_depth.labels(worker_type).set(count)
+        for worker_type in worker_types:
+            self.queue_depth.labels(worker_type, "0").set(0)
+        for (worker_type, priority), count in waiting.items():
+            self.queue_depth.labels(worker_type, str(priority)).set(count)
+
+    def set_tenants(self, counts: dict[str, tuple[int, int]]) -> None:
+        """``{name: (waiting, running)}`` of the named keys."""
+        self.tenant_requests.clear()
+        for name, (waiting, running) in counts.items():
+            self.tenant_requests.labels(name, "waiting").set(waiting)
+            self.tenant_requests.labels(name, "running").set(running)
 
     def render(self) -> bytes:
         self.memory.set(self._process.memory_info().rss)

@@ -129,10 +129,6 @@ class TracedBus:
     def durable(self) -> bool:
         return bool(self._bus.durable)
 
-    @property
-    def rebalance_seconds(self) -> float:
-        return float(self._bus.rebalance_seconds)
-
     async def publish(self, messages: Sequence[BusMessage]) -> None:
         with ExitStack() as stack:
             traced = []
@@ -158,7 +154,7 @@ class TracedBus:
             await self._bus.publish(traced)
 
     async def subscribe(
-        self, topics: Sequence[str], group: str, *, urgent: bool = True
+        self, topics: Sequence[str], group: str | None, *, urgent: bool = True
     ) -> Subscription:
         return await self._bus.subscribe(topics, group, urgent=urgent)
 

@@ -1,5 +1,7 @@
 // The EnginEdge operator console: plain ES module, no dependencies, no build step.
 // The API key lives in sessionStorage and travels only in the X-API-Key header.
+// A tenant's key sees its own requests; an operator's key every tenant's, with a tenant
+// column, and the dead letters (the server decides; the page only hides what is empty).
 
 const KEY_NAME = "enginedge.apiKey";
 const TERMINAL = new Set(["COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"]);
@@ -114,6 +116,7 @@ const state = {
   feed: null, // AbortController of the live feed
   detail: null, // {id, controller}
   view: "requests",
+  session: null, // {tenant, admin}: who the key is
 };
 
 function setLive(ok, text) {
@@ -139,7 +142,7 @@ async function signIn(event) {
   $("#signin-error").textContent = "";
   sessionStorage.setItem(KEY_NAME, candidate);
   try {
-    await api("/api/workers");
+    state.session = await api("/api/console/session");
   } catch (err) {
     sessionStorage.removeItem(KEY_NAME);
     $("#signin-error").textContent =
@@ -152,11 +155,13 @@ async function signIn(event) {
 
 function signOut() {
   sessionStorage.removeItem(KEY_NAME);
+  state.session = null;
   showSignin("Signed out.");
 }
 
 function unauthorized() {
   sessionStorage.removeItem(KEY_NAME);
+  state.session = null;
   showSignin("The API key was refused; sign in again.");
 }
 
@@ -223,6 +228,8 @@ function onFeedEvent(type, data) {
 
 // ------------------------------------------------------------------ requests
 
+const isAdmin = () => state.session?.admin === true;
+
 function renderRequests() {
   const body = $("#requests-table tbody");
   body.replaceChildren(
@@ -231,6 +238,7 @@ function renderRequests() {
         h("td", { class: "mono" },
           h("a", { href: `#/requests/${r.requestId}`, "aria-label": `Open request ${r.requestId}` },
             r.requestId.slice(0, 8))),
+        isAdmin() ? h("td", { class: "tenant", title: r.tenant ?? "" }, r.tenant ?? "—") : null,
         h("td", {}, r.taskType),
         h("td", {}, badge(r.status)),
         h("td", { class: "opt mono" }, r.workerId ? r.workerId.slice(0, 12) : "—"),
@@ -286,11 +294,13 @@ async function loadDetail(id, follow) {
   $("#d-status").replaceWith(Object.assign(badge(r.status), { id: "d-status" }));
   $("#d-cancel").hidden = TERMINAL.has(r.status);
   $("#d-fields").replaceChildren(
+    ...(isAdmin() ? field("Tenant", r.tenant) : []),
     ...field("Task type", r.taskType),
     ...field("Worker type", r.workerType),
     ...field("Worker", r.workerId),
     ...field("Attempts", `${r.attempts} of ${r.maxAttempts}`),
     ...field("Priority", r.priority),
+    ...(r.queuePosition != null ? field("Place in queue", r.queuePosition) : []),
     ...field("Correlation id", r.correlationId),
     ...field("Created", fmtDateTime(r.createdAt)),
     ...field("Dispatched", fmtDateTime(r.dispatchedAt)),
@@ -372,9 +382,10 @@ function renderFleet() {
         h("td", {}, w.type),
         h("td", {}, badge(w.status)),
         h("td", {}, w.capacity),
-        h("td", {},
-          h("meter", { min: 0, max: 1, value: w.load, "aria-label": `load of ${w.workerId}` }),
-          ` ${w.active}/${w.capacity}`),
+        h("td", { title: `its last heartbeat: ${w.active} running` },
+          h("meter", { min: 0, max: w.capacity, value: w.slotsInUse,
+                       "aria-label": `slots in use of ${w.workerId}` }),
+          ` ${w.slotsInUse}/${w.capacity}`),
         h("td", { title: fmtDateTime(w.lastHeartbeat), class: "ago", "data-time": w.lastHeartbeat },
           ago(w.lastHeartbeat)),
         h("td", { class: "opt ago", title: fmtDateTime(w.lastHealthCheck), "data-time": w.lastHealthCheck ?? "" },
@@ -507,9 +518,26 @@ function route() {
   state.view = name;
 }
 
-function start() {
+function showSession() {
+  const s = state.session;
+  $("#whoami").textContent = s ? `${s.tenant}${s.admin ? " (operator)" : ""}` : "";
+  $("#th-tenant").hidden = !isAdmin();
+  // Dead letters hold any tenant's messages: operators only (a tenant's list is empty).
+  $("#nav-dead-letters").hidden = !isAdmin();
+}
+
+async function start() {
+  if (!state.session) {
+    try {
+      state.session = await api("/api/console/session");
+    } catch (err) {
+      if (err instanceof Unauthorized) return unauthorized();
+      // The service is unreachable: the feed says so and retries.
+    }
+  }
   $("#signin").hidden = true;
   $("#app").hidden = false;
+  showSession();
   route();
   runFeed();
 }
