@@ -137,6 +137,12 @@ async def test_queue_heads_are_each_tenants_first_due_requests_per_band(
     assert head.queued_at == urgent.created_at
     async with store.transaction() as tx:
         later = await tx.queue_heads(["llm"], 10, T0 + timedelta(hours=2))
+    async with store.transaction() as tx:  # nothing but the one backing off is left waiting
+        await tx.mark_dispatched(
+            [(r.id, 1, "w") for r in (*a, *b, urgent, other_type)], T0 + timedelta(seconds=30)
+        )
+    assert not await store.any_waiting(T0 + timedelta(seconds=31))
+    assert await store.any_waiting(T0 + timedelta(hours=2))
     assert backing_off.id in {h.id for h in later}  # due once its backoff has passed
 
 
@@ -210,6 +216,7 @@ async def test_queue_and_tenant_counts(store: RequestStore) -> None:
         "tenant-b": TenantCounts(waiting=1, running=0),
     }
     assert await store.count_waiting("tenant-a") == 1
+    assert await store.any_waiting(T0 + timedelta(seconds=5))
     assert await store.count_waiting("nobody") == 0
     a2_now = await store.get_request(a2.id)
     assert a2_now is not None

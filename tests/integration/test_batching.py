@@ -11,10 +11,9 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from enginedge.application.outbox import dispatch_message
 from enginedge.application.ports import IdempotencyKeyTaken
 from enginedge.domain.model import Request, RequestStatus
-from tests.support.harness import API_KEY, fast_settings, run_service
+from tests.support.harness import API_KEY, fast_settings, run_service, until
 from tests.support.store_spy import SpiedStore
 from tests.support.workers import Probe, worker_for_tests
 
@@ -58,9 +57,7 @@ async def test_a_clash_in_a_shared_commit_fails_only_its_request(
             )
 
         batch = [copy(None), copy("k1"), copy(None), copy("k2")]
-        outcomes = await asyncio.gather(
-            *(writer.add(r, [dispatch_message(r)]) for r in batch), return_exceptions=True
-        )
+        outcomes = await asyncio.gather(*(writer.add(r) for r in batch), return_exceptions=True)
         assert outcomes[0] is None and outcomes[2] is None and outcomes[3] is None
         assert isinstance(outcomes[1], IdempotencyKeyTaken)
         for request, outcome in zip(batch, outcomes, strict=True):
@@ -114,11 +111,15 @@ async def test_a_batch_whose_commit_fails_is_told_once_per_request(
             assert statuses.count("PENDING") == 1, statuses
 
 
-async def test_only_the_relays_commit_skips_the_wal_flush(pg_url: str, tmp_path: Path) -> None:
+async def test_only_the_schedulers_and_the_relays_commits_skip_the_wal_flush(
+    pg_url: str, tmp_path: Path
+) -> None:
     # SPEC §4: a request is answered after a durable commit, and an outcome is recorded in
-    # one. Only the relay's bookkeeping may commit without waiting for the WAL flush (lost,
-    # it sends its messages again), and it asks for that after its statements, not before:
-    # its first statement is on the way of every dispatch.
+    # one. Only the scheduler's pass (lost, the request is still PENDING and is dispatched
+    # again) and the relay's bookkeeping (lost, it sends its messages again) may commit
+    # without waiting for the WAL flush, and asking for it costs no round trip of its own
+    # on the way of a dispatch or a cancel: the relay asks after its statements, the
+    # scheduler in the statement that takes its lock.
     from sqlalchemy import event
 
     settings = fast_settings(tmp_path, pg_url)
@@ -142,6 +143,16 @@ async def test_only_the_relays_commit_skips_the_wal_flush(pg_url: str, tmp_path:
         try:
             rid = (await svc.submit("test.echo", {"x": 1})).json()["requestId"]
             final = await svc.wait_terminal(rid)
+            # A cancel is the one message left in the outbox: the relay sends it.
+            hung = (await svc.submit("test.hang", {})).json()["requestId"]
+            await svc.wait_for(hung, lambda b: b["status"] == "PROCESSING")
+            cancelled = await svc.client.post(f"/api/requests/{hung}/cancel", headers=H)
+            assert cancelled.status_code == 200, cancelled.text
+
+            async def relayed() -> bool:
+                return await svc.service.ctx.store.outbox_backlog() == 0
+
+            await until("the relay to send the cancel", relayed)
         finally:
             event.remove(engine, "begin", begin)
             event.remove(engine, "before_cursor_execute", execute)
@@ -152,6 +163,7 @@ async def test_only_the_relays_commit_skips_the_wal_flush(pg_url: str, tmp_path:
         text = " ".join(statements)
         for marker, name in (
             ("INSERT INTO requests ", "accept"),
+            ("pg_advisory_xact_lock", "schedule"),
             ("DELETE FROM outbox", "relay"),
             ("INSERT INTO request_results", "outcome"),
         ):
@@ -162,9 +174,14 @@ async def test_only_the_relays_commit_skips_the_wal_flush(pg_url: str, tmp_path:
     by_kind: dict[str, list[list[str]]] = {}
     for statements in committed:
         by_kind.setdefault(kind(statements), []).append(statements)
-    assert {"accept", "relay", "outcome"} <= set(by_kind), list(by_kind)
+    assert {"accept", "schedule", "relay", "outcome"} <= set(by_kind), list(by_kind)
     for durable in by_kind["accept"] + by_kind["outcome"]:
         assert not any("synchronous_commit" in s for s in durable), durable
-    for relay in by_kind["relay"]:
-        relaxed = [i for i, s in enumerate(relay) if "synchronous_commit" in s]
-        assert relaxed == [len(relay) - 1], relay
+    for statements in by_kind["relay"]:
+        relaxed = [i for i, s in enumerate(statements) if "synchronous_commit" in s]
+        assert relaxed == [len(statements) - 1], statements
+    for statements in by_kind["schedule"]:
+        # Said with the lock, its first statement: no round trip of its own.
+        relaxed = [i for i, s in enumerate(statements) if "synchronous_commit" in s]
+        assert relaxed == [0], statements
+        assert "pg_advisory_xact_lock" in statements[0]

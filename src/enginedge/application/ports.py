@@ -179,6 +179,11 @@ class RequestStore(Protocol):
         """Waiting and running requests per tenant that has any."""
         ...
 
+    async def any_waiting(self, now: datetime) -> bool:
+        """Whether any request is waiting and due (PENDING, its backoff passed): a cheap
+        read, without the scheduling lock."""
+        ...
+
     async def count_waiting(self, tenant: str) -> int:
         """Requests of ``tenant`` waiting for a worker (PENDING)."""
         ...

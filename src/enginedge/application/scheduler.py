@@ -49,7 +49,9 @@ async def schedule(ctx: Context) -> PassReport:
     """One scheduling pass; how many requests it dispatched."""
     now = ctx.clock.now()
     fleet = {w.id: w for w in await ctx.registry.all() if schedulable(w, ctx, now)}
-    if not fleet:
+    # Half the passes (a slot freed, nothing waiting) find nothing to do: found out in one
+    # read, not by taking the lock. A request committed after this read wakes a pass.
+    if not fleet or not await ctx.store.any_waiting(now):
         return PassReport(0, False)
     async with ctx.store.transaction(durable=False) as tx:
         await tx.lock_scheduling()

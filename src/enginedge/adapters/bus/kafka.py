@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
@@ -83,8 +83,10 @@ RELAXED_FETCH_MAX_WAIT_MS = 250
 
 
 class KafkaSubscription:
-    """One consumer in a consumer group, or a reader of its own by manual assignment of
-    every partition of its topics (no group), started on first use."""
+    """One consumer in a consumer group, or a reader of its own (no group: aiokafka then
+    assigns it every partition of its topics, and again when their partitions change, as
+    when a broker that lost a topic creates it anew with another count), started on first
+    use."""
 
     def __init__(
         self, bus: KafkaBus, topics: Sequence[str], group: str | None, fetch_max_wait_ms: int
@@ -103,7 +105,7 @@ class KafkaSubscription:
             if self._group is None:
                 await self._bus.prepare(self._topics)  # assigned partitions must exist
             consumer = AIOKafkaConsumer(
-                *(self._topics if self._group is not None else ()),
+                *self._topics,
                 group_id=self._group,
                 enable_auto_commit=False,
                 auto_offset_reset="earliest",
@@ -119,8 +121,6 @@ class KafkaSubscription:
             )
             try:
                 await consumer.start()
-                if self._group is None:
-                    consumer.assign(await self._partitions(consumer))
             except BaseException:
                 with contextlib.suppress(Exception):
                     await consumer.stop()
@@ -128,21 +128,6 @@ class KafkaSubscription:
             self._consumer = consumer
             self._paused = False
         return self._consumer
-
-    async def _partitions(self, _consumer: AIOKafkaConsumer) -> list[TopicPartition]:
-        """Every partition of the topics, once the broker's metadata names them."""
-        producer = await self._bus._ensure_producer()
-        for _ in range(50):
-            cluster = await producer.client.fetch_all_metadata()
-            found = [
-                TopicPartition(topic, p)
-                for topic in self._topics
-                for p in sorted(cluster.partitions_for_topic(topic) or ())
-            ]
-            if {tp.topic for tp in found} == set(self._topics):
-                return found
-            await asyncio.sleep(0.1)
-        raise ServiceUnavailable(f"message bus unavailable: no partitions for {self._topics}")
 
     async def next_batch(self, max_messages: int, timeout: float) -> list[BusMessage]:
         consumer = await self._ensure()

@@ -270,6 +270,13 @@ class MemoryStore:
             )
         return counts
 
+    async def any_waiting(self, now: datetime) -> bool:
+        return any(
+            r.status is RequestStatus.PENDING
+            and (r.dispatch_after is None or r.dispatch_after <= now)
+            for r in self._state.requests.values()
+        )
+
     async def count_waiting(self, tenant: str) -> int:
         return sum(
             1

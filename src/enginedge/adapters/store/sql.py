@@ -235,9 +235,20 @@ _RUNNING_COUNTS = (
 # Any 64-bit number, the same in every replica: the key of the scheduling lock.
 SCHEDULING_LOCK = 0x656E67696E656467  # "enginedg"
 # Waiting for it is bounded (and so is every row lock the pass then takes): a replica whose
-# pass hangs holds the others up for at most this long, then they fail and retry.
-_LOCK_SCHEDULING = text(
-    f"SELECT set_config('lock_timeout', '20s', true), pg_advisory_xact_lock({SCHEDULING_LOCK})"
+# pass hangs holds the others up for at most this long, then they fail and retry. A pass
+# that may lose its commit (see SqlStore.transaction) says so in the same round trip.
+_LOCK_TIMEOUT = "set_config('lock_timeout', '20s', true)"
+_RELAX_COMMIT = "set_config('synchronous_commit', 'off', true)"
+_LOCK = f"pg_advisory_xact_lock({SCHEDULING_LOCK})"
+_LOCK_SCHEDULING = text(f"SELECT {_LOCK_TIMEOUT}, {_LOCK}")
+_LOCK_SCHEDULING_RELAXED = text(f"SELECT {_LOCK_TIMEOUT}, {_RELAX_COMMIT}, {_LOCK}")
+_ANY_WAITING = (
+    select(t.requests.c.id)
+    .where(
+        t.requests.c.status == _PENDING,
+        or_(t.requests.c.dispatch_after.is_(None), t.requests.c.dispatch_after <= bindparam("now")),
+    )
+    .limit(1)
 )
 
 
@@ -281,9 +292,12 @@ def _to_worker(row: Any) -> Worker:
 class SqlTransaction:
     """A :class:`~enginedge.application.ports.StoreTransaction` on one connection."""
 
-    def __init__(self, conn: AsyncConnection) -> None:
+    def __init__(self, conn: AsyncConnection, *, durable: bool = True) -> None:
         self._conn = conn
         self._postgres = conn.dialect.name == "postgresql"
+        self._durable = durable
+        # This transaction's commit was told already not to wait for the WAL flush.
+        self.relaxed = False
 
     def _locked(self, query: Select[Any], *, skip_locked: bool = False) -> Select[Any]:
         if not self._postgres:  # SQLite runs one writer at a time: no row locks needed
@@ -377,7 +391,9 @@ class SqlTransaction:
     async def lock_scheduling(self) -> None:
         # SQLite: the store's one writing connection already runs one transaction at a time.
         if self._postgres:
-            await self._conn.execute(_LOCK_SCHEDULING)
+            relax = not self._durable and not self.relaxed
+            await self._conn.execute(_LOCK_SCHEDULING_RELAXED if relax else _LOCK_SCHEDULING)
+            self.relaxed = self.relaxed or relax
 
     async def running_counts(self) -> RunningCounts:
         by_worker: dict[str, int] = {}
@@ -491,8 +507,9 @@ class SqlStore:
             unavailable_on_error(),
         ):
             async with self.engine.begin() as conn:
-                yield SqlTransaction(conn)
-                if not durable and conn.dialect.name == "postgresql":
+                tx = SqlTransaction(conn, durable=durable)
+                yield tx
+                if not durable and not tx.relaxed and conn.dialect.name == "postgresql":
                     # The commit returns without waiting for its WAL flush (the next durable
                     # commit flushes it). Set at the end, where only the commit needs it: the
                     # relay's first statements are on the way of every dispatch. SQLite has
@@ -561,6 +578,9 @@ class SqlStore:
                 else TenantCounts(old.waiting, old.running + count)
             )
         return counts
+
+    async def any_waiting(self, now: datetime) -> bool:
+        return bool(await self._fetch(_ANY_WAITING, {"now": now}))
 
     async def count_waiting(self, tenant: str) -> int:
         rows = await self._fetch(_COUNT_WAITING, {"tenant": tenant})
