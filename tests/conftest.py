@@ -3,9 +3,11 @@ database per test, and the service's JSON log lines."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -54,11 +56,25 @@ def _admin_url(postgres: PostgresServer | str) -> str:
     return postgres if isinstance(postgres, str) else postgres.url
 
 
+async def _connect_once_up(url: str, timeout: float = 20.0) -> asyncpg.Connection:
+    """A connection, once the server is past its start-up: `pg_ctl -w` returns when the
+    server accepts connections, and a loaded machine can still answer "the database
+    system is starting up" for a moment after."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await asyncpg.connect(url)
+        except asyncpg.exceptions.CannotConnectNowError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+
+
 async def create_database(postgres: PostgresServer | str) -> str:
     """A new empty database on the suite's server; its URL."""
     admin = _admin_url(postgres)
     name = unique("t_")
-    conn = await asyncpg.connect(admin)
+    conn = await _connect_once_up(admin)
     try:
         await conn.execute(f'CREATE DATABASE "{name}"')
     finally:

@@ -72,7 +72,6 @@ class FaultCluster(Cluster):
             WORKER_HEARTBEAT_TTL="4",
             HEALTH_CHECK_INTERVAL="0.5",
             WORKER_HEALTH_CHECK_TIMEOUT="1",
-            DISPATCH_TIMEOUT="8",
             RATE_LIMIT_REQUESTS="1000000",
             LOG_LEVEL="warn",
         )

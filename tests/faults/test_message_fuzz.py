@@ -25,6 +25,7 @@ from enginedge.application.inbox import handle_message
 from enginedge.application.ports import BusMessage
 from enginedge.domain.messages import (
     CONTROL_TOPIC,
+    DISPATCH_DLQ_TOPIC,
     HEARTBEATS_TOPIC,
     RESULTS_TOPIC,
     ControlMessage,
@@ -33,7 +34,6 @@ from enginedge.domain.messages import (
     MalformedMessage,
     ResultMessage,
     dlq_topic,
-    requests_topic,
 )
 from enginedge.worker import WorkerRuntime
 from tests.conftest import create_database
@@ -74,6 +74,8 @@ timestamps = st.datetimes(
     min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30), timezones=st.just(UTC)
 ).map(datetime.isoformat) | st.text(max_size=40)
 ints = st.integers(min_value=-(2**63), max_value=2**64 - 1)
+# Topic names, and text that is none (spaces, slashes, too long, empty).
+inboxes = st.from_regex(r"\A[A-Za-z0-9._-]{1,249}\Z") | st.text(max_size=300)
 
 
 def encoded(fields: st.SearchStrategy[dict[str, Any]]) -> st.SearchStrategy[bytes]:
@@ -117,7 +119,7 @@ heartbeats = encoded(
         optional={
             "inFlight": wrong_or(st.lists(ids | st.text(max_size=40), max_size=3)),
             "reason": json_values,
-            "idle": json_values,
+            "inbox": wrong_or(inboxes),
             "abandoned": wrong_or(
                 st.dictionaries(ids | st.text(max_size=8), st.integers(1, 5) | ints, max_size=3)
             ),
@@ -145,6 +147,7 @@ extreme_heartbeats = encoded(
         optional={
             "inFlight": st.lists(ids, max_size=3),
             "reason": st.text(max_size=600),
+            "inbox": st.from_regex(r"\A[A-Za-z0-9._-]{249}\Z"),
             "abandoned": st.dictionaries(ids, st.integers(1, 2**63 - 1), max_size=3),
         },
     )
@@ -230,8 +233,8 @@ def service(
     holder["ready"].result(120)
     fixture = Fixture(bg, holder["svc"])
     topics = [
-        dlq_topic(t)
-        for t in (RESULTS_TOPIC, HEARTBEATS_TOPIC, CONTROL_TOPIC, requests_topic("testing"))
+        *(dlq_topic(t) for t in (RESULTS_TOPIC, HEARTBEATS_TOPIC, CONTROL_TOPIC)),
+        DISPATCH_DLQ_TOPIC,  # one for every worker's inbox
     ]
     fixture.probe_dlq = bg.run(fixture.svc.service.ctx.bus.subscribe(topics, "fuzz-dlq-probe"))
     try:
@@ -298,16 +301,16 @@ def _inbox(service: Fixture, topic: str, raw: bytes, parse: Any) -> None:
 @FUZZ
 @given(raw=dispatches | anything())
 def test_worker_dispatches(service: Fixture, raw: bytes) -> None:
-    topic = requests_topic("testing")
+    topic = service.runtime.inbox
     message = BusMessage(topic, str(uuid.uuid4()), raw, {})
     service.bg.run(service.runtime._start(message))  # the consumer's step for one message
     dead = service.bg.run(service.dead_letters())
-    _count(TRIED, topic)
-    _count(DEAD, topic, dead.get(dlq_topic(topic), 0))
+    _count(TRIED, "worker inbox")
+    _count(DEAD, "worker inbox", dead.get(DISPATCH_DLQ_TOPIC, 0))
     if _malformed(DispatchMessage.from_json, raw):
-        assert dead.get(dlq_topic(topic)) == 1, dead
+        assert dead.get(DISPATCH_DLQ_TOPIC) == 1, dead
     else:
-        assert dlq_topic(topic) not in dead, dead
+        assert DISPATCH_DLQ_TOPIC not in dead, dead
 
 
 @settings(max_examples=20, deadline=None, database=None)

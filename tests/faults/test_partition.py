@@ -148,9 +148,9 @@ async def test_worker_partitioned_then_healed(
     c.wait_for_workers(url, 2)
     load = Load(url, http)
     await load.submit_many(fast=60, slow=6)
-    # Wait until the namespaced worker holds a slow request. A request's partition follows
-    # its id, and the namespaced worker may own one partition of three: then none of six
-    # lands there about one time in eleven (CI saw it), so more are sent while none waits.
+    # Wait until the namespaced worker holds a slow request. The scheduler hands each one to
+    # the worker with the most free slots at that moment, which need not ever be the
+    # namespaced one for six of them: more are sent while none waits.
     deadline = time.monotonic() + 120
     more = 0
     while True:

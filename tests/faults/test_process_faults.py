@@ -215,7 +215,7 @@ async def test_worker_resumed_after_sigstop_stops_on_sigterm(
             if (await http.get(f"{endpoint}/health")).status_code == 200:
                 break
         await asyncio.sleep(0.1)
-    await asyncio.sleep(5)  # its consumers have joined their groups
+    await asyncio.sleep(5)  # its readers (inbox, control) are polling
     freeze(process)
     await asyncio.sleep(3)
     thaw(process)

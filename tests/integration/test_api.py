@@ -261,8 +261,12 @@ async def test_same_idempotency_key_returns_the_first_request(svc: Running) -> N
         *[svc.submit("test.echo", {"n": i}, headers={"Idempotency-Key": "burst"}) for i in range(8)]
     )
     assert len({r.json()["requestId"] for r in concurrent}) == 1
+    # Each caller lists its own requests only (SPEC §3, tenancy).
     listing = (await svc.client.get("/api/requests?taskType=test.echo", headers=H)).json()
-    assert len(listing["items"]) == 3
+    assert len(listing["items"]) == 2
+    theirs = {"X-API-Key": OTHER_KEY}
+    listing = (await svc.client.get("/api/requests?taskType=test.echo", headers=theirs)).json()
+    assert [i["requestId"] for i in listing["items"]] == [other_caller.json()["requestId"]]
 
 
 # ------------------------------------------------------------------ listing
@@ -493,40 +497,45 @@ class _LosingSubscription:
         await self.inner.close()
 
 
-async def test_a_lost_dispatch_is_sent_again_once_its_workers_are_idle(
+async def test_a_lost_dispatch_is_given_another_attempt(
     database_url: str, tmp_path: Path, probe: Probe
 ) -> None:
-    settings = fast_settings(tmp_path, database_url, builtin_workers="none", dispatch_timeout=1.0)
+    settings = fast_settings(tmp_path, database_url, builtin_workers="none")
     async with run_service(settings, [worker_for_tests(probe, capacity=2)]) as svc:
         (worker,) = svc.service.workers
-        losing = _LosingSubscription(worker._requests)
-        worker._requests = losing  # type: ignore[assignment]
+        losing = _LosingSubscription(worker._inbox)
+        worker._inbox = losing  # type: ignore[assignment]
         await asyncio.sleep(worker.poll_timeout + 0.2)  # the poll under way ends
         rid = (await svc.submit("test.echo", {"n": 1})).json()["requestId"]
         final = await svc.wait_terminal(rid)
         assert losing.lost == [rid]
         assert final["status"] == "COMPLETED"
-        assert final["attempts"] == 1  # the same attempt, sent again: none used up
+        # Its worker's heartbeats never listed it: given back to the queue, and run.
+        assert final["attempts"] == 2
         assert probe.completed == [rid]
-        assert svc.redispatches().get("unclaimed", 0) >= 1
+        assert svc.redispatches().get("result_lost", 0) >= 1
 
 
-async def test_a_queued_dispatch_is_not_sent_again_while_its_worker_is_busy(
+async def test_a_request_waits_in_the_queue_while_every_worker_is_full(
     database_url: str, tmp_path: Path, probe: Probe
 ) -> None:
-    settings = fast_settings(tmp_path, database_url, builtin_workers="none", dispatch_timeout=0.5)
+    settings = fast_settings(tmp_path, database_url, builtin_workers="none")
     async with run_service(settings, [worker_for_tests(probe, capacity=1)]) as svc:
         busy = (await svc.submit("test.hang", {})).json()["requestId"]
         await svc.wait_for(busy, lambda b: b["status"] == "PROCESSING")
         queued = (await svc.submit("test.echo", {"n": 2})).json()["requestId"]
-        # Several dispatch timeouts pass while the only worker is full: the dispatch waits
-        # in the bus, and sending it again would only queue a duplicate.
-        await asyncio.sleep(2.5)
-        assert (await svc.get(queued))["status"] == "DISPATCHED"
-        assert svc.redispatches().get("unclaimed", 0) == 0
+        # The only slot is taken: the request stays in the queue, not on the worker.
+        await asyncio.sleep(1.5)
+        waiting = await svc.get(queued)
+        assert (waiting["status"], waiting["queuePosition"]) == ("PENDING", 1)
+        (worker,) = svc.service.workers
+        assert worker.max_active == 1
+        fleet = (await svc.client.get("/api/workers", headers=H)).json()["items"]
+        assert [(w["slotsInUse"], w["capacity"]) for w in fleet] == [(1, 1)]
         probe.release.set()
         assert (await svc.wait_terminal(queued))["status"] == "COMPLETED"
         assert probe.started.count(queued) == 1
+        assert svc.redispatches() == {}
 
 
 # ------------------------------------------------------------------ events (SSE)
@@ -574,11 +583,12 @@ async def test_events_stream_every_status_and_partial_result(svc: Running) -> No
     assert late[-1][2]["status"] == "COMPLETED"
 
 
-async def test_events_tell_dispatched_when_the_worker_answers_before_the_relay(
+async def test_events_tell_dispatched_when_the_worker_answers_before_the_scheduler_commits(
     svc: Running,
 ) -> None:
-    # The relay commits DISPATCHED after the bus took the message; under load the worker's
-    # first report can be recorded before that commit. Hold the relay back to make it so.
+    # The scheduler commits DISPATCHED after the bus took the message; the worker's first
+    # report can come before that commit (it waits for the scheduler's row locks). Hold the
+    # scheduler back to make it so.
     held: list[int] = []
 
     async def mark_dispatched(real: Any, attempts: Any, now: Any) -> Any:
@@ -594,7 +604,7 @@ async def test_events_tell_dispatched_when_the_worker_answers_before_the_relay(
     assert held == [1]
     statuses = [d["status"] for _, k, d in events if k == "status"]
     assert statuses == ["PENDING", "DISPATCHED", "PROCESSING", "COMPLETED"]
-    # The relay's late update found the request moved on, and told nothing twice.
+    # Nothing was told twice.
     await asyncio.sleep(1.2)
     again = await read_events(svc, rid)
     assert [d["status"] for _, k, d in again if k == "status"] == statuses
@@ -629,26 +639,27 @@ async def test_events_tell_pending_first_when_the_relay_is_quicker(svc: Running)
     assert statuses == ["PENDING", "DISPATCHED", "PROCESSING", "COMPLETED"]
 
 
-async def test_a_request_accepted_while_the_relay_reads_is_not_left_for_the_poll(
+async def test_a_request_accepted_while_the_scheduler_reads_is_not_left_for_the_poll(
     svc: Running, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A request committed while the relay reads the outbox may miss that read; its wake-up
-    # then comes while the relay is busy, and must not be lost: the relay reads again at
-    # once instead of sleeping until its poll. Made certain here: the read that the request
-    # wakes hides its message and wakes the relay again, as that late request would.
+    # A request committed while the scheduler reads the queue may miss that read; its
+    # wake-up then comes while the scheduler is busy, and must not be lost: the scheduler
+    # reads again at once instead of sleeping until its poll. Made certain here: the read
+    # that the request wakes hides it and wakes the scheduler again, as that late request
+    # would.
     monkeypatch.setattr("enginedge.service.RELAY_POLL_SECONDS", 60.0)
     ctx = svc.service.ctx
     hidden: list[int] = []
 
-    async def claim_outbox(real: Any, now: Any, limit: int) -> Any:
-        pending = await real(now, limit)
-        if pending and not hidden:
-            hidden.append(len(pending))
-            ctx.wake_relay()
+    async def queue_heads(real: Any, worker_types: Any, per_tenant: int, now: Any) -> Any:
+        heads = await real(worker_types, per_tenant, now)
+        if heads and not hidden:
+            hidden.append(len(heads))
+            ctx.wake_scheduler()
             return []
-        return pending
+        return heads
 
-    ctx.store = SpiedStore(ctx.store, claim_outbox=claim_outbox)  # type: ignore[assignment]
+    ctx.store = SpiedStore(ctx.store, queue_heads=queue_heads)  # type: ignore[assignment]
     rid = (await svc.submit("test.echo", {"x": 1})).json()["requestId"]
     final = await svc.wait_terminal(rid, timeout=10)
     assert hidden == [1]
@@ -824,9 +835,11 @@ async def test_openapi_document_lists_every_endpoint(svc: Running) -> None:
 
 
 async def test_dispatches_carry_trace_and_correlation_headers(svc: Running) -> None:
-    from enginedge.domain.messages import TRACEPARENT, requests_topic
+    from enginedge.domain.messages import TRACEPARENT
 
-    tap = await svc.service.ctx.bus.subscribe([requests_topic("testing")], "test-tap")
+    # A reader of its own on the worker's inbox, where the scheduler sends its dispatches.
+    (worker,) = [w for w in svc.service.workers if w.app.type == "testing"]
+    tap = await svc.service.ctx.bus.subscribe([worker.inbox], None)
     caller_trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     await svc.submit(
         "test.echo",

@@ -23,7 +23,7 @@ from enginedge.application.ports import BusMessage
 from enginedge.domain.messages import RESULTS_TOPIC
 from enginedge.entrypoints.processes import stop_process
 from tests.support.fake_llm import FakeLlm, fake_llm_server
-from tests.support.harness import API_KEY, Running, fast_settings, run_service
+from tests.support.harness import API_KEY, OTHER_KEY, Running, fast_settings, run_service
 from tests.support.servers import free_port
 
 playwright_api = pytest.importorskip("playwright.async_api", reason="playwright not installed")
@@ -44,6 +44,8 @@ CHROMIUM_ARGS = [
 ]
 SCREENSHOTS = Path(__file__).parents[2] / "artifacts" / "console-screenshots"
 WAIT_MS = 15_000
+# An operator's key: the console shows it every tenant's requests, and the dead letters.
+OPERATOR_KEY = "operator-key-0123456789"
 
 pytestmark = pytest.mark.skipif(
     not CHROMIUM.exists(),
@@ -83,14 +85,16 @@ async def new_page(browser: Browser, width: int = 1280, height: int = 860) -> As
         await context.close()
 
 
-async def sign_in(page: Page, url: str, screenshots: Path | None = None) -> None:
+async def sign_in(
+    page: Page, url: str, screenshots: Path | None = None, key: str = API_KEY
+) -> None:
     await page.goto(f"{url}/console")
     if screenshots is not None:
         await page.get_by_label("API key").fill("not-the-right-key")
         await page.get_by_role("button", name="Sign in").click()
         await expect(page.get_by_role("alert")).to_contain_text("not valid")
         await page.screenshot(path=screenshots / "01-sign-in.png")
-    await page.get_by_label("API key").fill(API_KEY)
+    await page.get_by_label("API key").fill(key)
     await page.get_by_role("button", name="Sign in").click()
     await expect(page.locator("#live")).to_have_text("live", timeout=WAIT_MS)
 
@@ -126,12 +130,15 @@ async def test_console_follows_requests_live_and_cancels_from_the_page(
         builtin_workers="data-processing,llm",
         llm_base_url=slow_llm.url,
         llm_model="tiny-model",
+        api_keys=f"search-team:{API_KEY},{OTHER_KEY}",
+        admin_api_keys=f"ops:{OPERATOR_KEY}",
     )
     async with run_service(settings) as svc, new_page(browser) as page:
-        await sign_in(page, svc.url, screenshots)
+        await sign_in(page, svc.url, screenshots, OPERATOR_KEY)
         # The key stays in the tab's session storage, never in the address.
-        assert API_KEY not in page.url
-        assert await page.evaluate("sessionStorage.getItem('enginedge.apiKey')") == API_KEY
+        assert OPERATOR_KEY not in page.url
+        assert await page.evaluate("sessionStorage.getItem('enginedge.apiKey')") == OPERATOR_KEY
+        await expect(page.locator("#whoami")).to_have_text("ops (operator)")
 
         # Requests submitted through the API appear and complete without a reload.
         ids = [await submit(svc, "data.sql", sql(i)) for i in range(3)]
@@ -139,6 +146,9 @@ async def test_console_follows_requests_live_and_cancels_from_the_page(
             await expect(row(page, rid).locator("[data-status]")).to_have_attribute(
                 "data-status", "COMPLETED", timeout=WAIT_MS
             )
+        # An operator sees whose each request is, by the key's name.
+        await expect(page.locator("#th-tenant")).to_be_visible()
+        await expect(row(page, ids[0]).locator("td.tenant")).to_have_text("search-team")
         await page.screenshot(path=screenshots / "02-requests.png")
 
         # Filter by status: a status none of them has empties the table.
@@ -209,6 +219,20 @@ async def test_console_follows_requests_live_and_cancels_from_the_page(
             await expect(phone.get_by_role("button", name="Sign out")).to_be_visible()
             await phone.screenshot(path=screenshots / "08-requests-phone.png", full_page=True)
             assert phone.errors == []  # type: ignore[attr-defined]
+
+        # Another tenant's key sees none of those requests, no tenant column and no dead
+        # letters (which hold any tenant's messages).
+        async with new_page(browser) as tenant:
+            await sign_in(tenant, svc.url, key=OTHER_KEY)
+            await expect(tenant.locator("#requests-empty")).to_be_visible(timeout=WAIT_MS)
+            await expect(row(tenant, ids[0])).to_have_count(0)
+            await expect(tenant.locator("#th-tenant")).to_be_hidden()
+            await expect(tenant.get_by_role("link", name="Dead letters")).to_be_hidden()
+            await tenant.goto(f"{svc.url}/console#/requests/{ids[0]}")
+            await expect(tenant.locator("#h-detail")).to_have_text("Request not found")
+            await tenant.get_by_role("link", name="Fleet").click()
+            await expect(tenant.locator("#fleet-table tbody tr")).to_have_count(2)
+            assert tenant.errors == []  # type: ignore[attr-defined]
 
         # Sign out forgets the key.
         await page.get_by_role("button", name="Sign out").click()

@@ -65,7 +65,6 @@ class Cluster:
             WORKER_HEARTBEAT_INTERVAL="0.5",
             WORKER_HEARTBEAT_TTL="20",
             SWEEP_INTERVAL="0.5",
-            DISPATCH_TIMEOUT="6",
             HEALTH_CHECK_INTERVAL="1",
             RETRY_BACKOFF="0.2",
             MAX_ATTEMPTS="5",
@@ -155,6 +154,16 @@ async def db_counts(url: str) -> dict[str, int]:
     try:
         rows = await conn.fetch("SELECT status, count(*) AS n FROM requests GROUP BY status")
         return {r["status"]: r["n"] for r in rows}
+    finally:
+        await conn.close()
+
+
+async def worker_inboxes(url: str) -> list[str]:
+    """The inbox topics the workers announced (the ``workers`` table)."""
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch("SELECT inbox FROM workers WHERE inbox IS NOT NULL")
+        return [r["inbox"] for r in rows]
     finally:
         await conn.close()
 
@@ -500,10 +509,12 @@ async def test_one_request_is_one_trace_across_processes(
         )
         rid = response.json()["requestId"]
         assert (await asyncio.wait_for(sse_terminal(http, a, rid), 30))["status"] == "COMPLETED"
+        # The dispatch goes to the chosen worker's own inbox topic.
+        (inbox,) = await worker_inboxes(cluster.database_url)
         wanted = {
             ("main-hexagon", "POST /api/orchestrate"),
             ("main-hexagon", "db.transaction"),
-            ("main-hexagon", "publish worker.data-processing.requests"),
+            ("main-hexagon", f"publish {inbox}"),
             ("enginedge-worker-data-processing", "process data.sql"),
             ("enginedge-worker-data-processing", "publish worker.results"),
             ("main-hexagon", "record worker.results"),
@@ -517,7 +528,7 @@ async def test_one_request_is_one_trace_across_processes(
         by_id = {s.span_id: s for s in trace}
         process = next(s for s in trace if s.name == "process data.sql")
         # The worker's span hangs from the orchestrator's publish of its dispatch.
-        assert by_id[process.parent_id].name == "publish worker.data-processing.requests"
+        assert by_id[process.parent_id].name == f"publish {inbox}"
         http_span = next(s for s in trace if s.name == "POST /api/orchestrate")
         assert http_span.parent_id == caller[36:52]  # the caller's own span
 

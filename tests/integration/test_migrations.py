@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import sqlalchemy as sa
 from sqlalchemy import inspect
 from sqlalchemy.engine import Connection
 
 from enginedge.adapters.store.engine import PoolSettings, create_engine
 from enginedge.adapters.store.migrate import upgrade
+from enginedge.adapters.store.tables import Json, UTCDateTime
 from tests.support.harness import fast_settings, run_service
 
 GUIDE_COLUMNS = {
@@ -102,3 +106,110 @@ async def test_ready_is_503_until_migrations_are_applied(database_url: str, tmp_
             await engine.dispose()
         ready = await svc.client.get("/ready")
         assert ready.status_code == 200, ready.text
+
+
+# The tables as revision 0002 left them, as much as the test below writes.
+_old_requests = sa.table(
+    "requests",
+    sa.column("id", sa.Uuid()),
+    sa.column("task_type", sa.String()),
+    sa.column("payload", Json),
+    sa.column("status", sa.String()),
+    sa.column("worker_type", sa.String()),
+    sa.column("worker_id", sa.String()),
+    sa.column("deadline", UTCDateTime),
+    sa.column("dispatched_at", UTCDateTime),
+)
+_old_outbox = sa.table(
+    "outbox",
+    sa.column("topic", sa.String()),
+    sa.column("key", sa.String()),
+    sa.column("value", sa.Text()),
+    sa.column("headers", Json),
+    sa.column("request_id", sa.Uuid()),
+    sa.column("attempt", sa.Integer()),
+    sa.column("available_at", UTCDateTime),
+)
+
+
+async def test_the_queue_migration_gives_old_dispatches_back_to_the_queue(
+    database_url: str,
+) -> None:
+    """0003: dispatches no longer go through the outbox to a shared topic. What the previous
+    version left there, or on that topic unclaimed (DISPATCHED to no worker), waits in the
+    queue again; a request a worker holds, and a cancel, are kept."""
+    now = datetime.now(UTC)
+    unsent, unclaimed, held = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    engine = create_engine(database_url, PoolSettings())
+    try:
+        await upgrade(engine, "0002")
+        async with engine.begin() as conn:
+            for rid, status, worker, dispatched in (
+                (unsent, "PENDING", None, None),
+                (unclaimed, "DISPATCHED", None, now),
+                (held, "PROCESSING", str(uuid.uuid4()), now),
+            ):
+                await conn.execute(
+                    _old_requests.insert().values(
+                        id=rid,
+                        task_type="test.echo",
+                        payload={},
+                        status=status,
+                        worker_type="testing",
+                        worker_id=worker,
+                        deadline=now + timedelta(minutes=5),
+                        dispatched_at=dispatched,
+                    )
+                )
+            for topic, rid, attempt in (
+                ("worker.testing.requests", unsent, 1),
+                ("worker.control", None, None),
+            ):
+                await conn.execute(
+                    _old_outbox.insert().values(
+                        topic=topic,
+                        key=str(rid),
+                        value="{}",
+                        headers={},
+                        request_id=rid,
+                        attempt=attempt,
+                        available_at=now,
+                    )
+                )
+        await upgrade(engine)
+        async with engine.connect() as conn:
+            tables = await conn.run_sync(_describe)
+            requests = sa.table(
+                "requests",
+                sa.column("id", sa.Uuid()),
+                sa.column("status", sa.String()),
+                sa.column("dispatched_at", UTCDateTime),
+                sa.column("dispatch_after", UTCDateTime),
+            )
+            rows = await conn.execute(
+                sa.select(
+                    requests.c.id,
+                    requests.c.status,
+                    requests.c.dispatched_at,
+                    requests.c.dispatch_after,
+                )
+            )
+            after = {
+                row.id: (row.status, row.dispatched_at is None, row.dispatch_after) for row in rows
+            }
+            topics = [row.topic for row in await conn.execute(sa.text("SELECT topic FROM outbox"))]
+            indexes = await conn.run_sync(
+                lambda sync: {i["name"] for i in inspect(sync).get_indexes("requests")}
+            )
+    finally:
+        await engine.dispose()
+    assert after == {
+        unsent: ("PENDING", True, None),
+        unclaimed: ("PENDING", True, None),  # back in the queue, dispatched again from it
+        held: ("PROCESSING", False, None),
+    }
+    assert topics == ["worker.control"]  # the cancel is still sent; the dispatch is gone
+    assert {"request_id", "attempt"}.isdisjoint(tables["outbox"])
+    assert "dispatch_after" in tables["requests"]
+    assert "inbox" in tables["workers"]
+    assert "ix_requests_queue" in indexes

@@ -54,10 +54,13 @@ async def test_metrics_carry_the_guides_series_with_true_counts(tmp_path: Path) 
         sick = (("status", "unhealthy"), ("worker_type", worker_type))
         assert m[("enginedge_worker_health_status", health)] == 1
         assert m[("enginedge_worker_health_status", sick)] == 0
-        assert ("enginedge_queue_depth", (("worker_type", worker_type),)) in m
+        # Nothing waits any more, and the series says 0 rather than vanish.
+        depth = (("priority", "0"), ("worker_type", worker_type))
+        assert m[("enginedge_queue_depth", depth)] == 0
     assert m[("enginedge_memory_usage_bytes", ())] > 10_000_000
     assert ("enginedge_cpu_usage_percent", ()) in m
-    assert m[("enginedge_dispatch_latency_seconds_count", (("worker_type", "testing"),))] == 5
+    # Each first dispatch observed its wait in the queue once.
+    assert m[("enginedge_queue_wait_seconds_count", (("worker_type", "testing"),))] == 5
     accepted = (("task_type", "test.echo"), ("worker_type", "testing"))
     assert m[("enginedge_requests_accepted_total", accepted)] == 3
 

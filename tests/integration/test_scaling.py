@@ -2,8 +2,9 @@
 
 PgBouncer in transaction pooling mode is covered by the whole API suite, which runs through
 one too (the ``pgbouncer`` parameter of ``database_url`` in ``tests/conftest.py``). Here: a
-streaming read replica for status and list reads, and Kafka consumer groups over a topic
-with more partitions than consumers.
+streaming read replica for status and list reads; and, over Kafka, orchestrator replicas
+sharing one consumer group while each worker reads an inbox of several partitions of its own,
+in no group.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import httpx
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
-from enginedge.domain.messages import ORCHESTRATOR_GROUP, requests_topic, worker_group
+from enginedge.application.console import DEAD_LETTERS_GROUP
+from enginedge.domain.messages import ORCHESTRATOR_GROUP, inbox_topic
 from tests.integration.test_distributed import (
     Cluster,
     H,
@@ -185,31 +187,58 @@ async def partition_count(brokers: str, topic: str) -> int:
     return len(described["partitions"])
 
 
+async def consumer_groups(brokers: str) -> set[str]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=brokers)
+    await admin.start()
+    try:
+        return {group for group, _protocol in await admin.list_consumer_groups()}
+    finally:
+        await admin.close()
+
+
+async def worker_inboxes(database_url: str) -> dict[str, str | None]:
+    """Each worker's inbox topic, as its heartbeats announced it (the ``workers`` table)."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch("SELECT id, inbox FROM workers WHERE type = 'data-processing'")
+    finally:
+        await conn.close()
+    return {str(row["id"]): row["inbox"] for row in rows}
+
+
 REQUESTS = 90
 
 
-async def test_three_workers_in_one_group_share_six_partitions(
+async def test_three_workers_each_read_an_inbox_of_six_partitions(
     cluster: Cluster, http: httpx.AsyncClient
 ) -> None:
     cluster.extra_env["KAFKA_PARTITIONS"] = "6"
-    # Two orchestrator replicas share group main-hexagon; three workers share
-    # worker.data-processing over the 6 partitions of worker.data-processing.requests.
+    # Two orchestrator replicas share group main-hexagon; each of three workers reads the 6
+    # partitions of its own inbox topic, in no consumer group: the scheduler picks the
+    # worker, the topic only carries the choice.
     a = cluster.start_replica()
     b = cluster.start_replica()
     for _ in range(3):
         cluster.start_worker(capacity=2)
     cluster.wait_for_workers(a, 3)
-    topic = requests_topic("data-processing")
-    assert await partition_count(cluster.brokers, topic) == 6
+    inboxes = await worker_inboxes(cluster.database_url)
+    assert len(inboxes) == 3, inboxes
+    for worker_id, inbox in inboxes.items():
+        assert inbox is not None, inboxes
+        prefix = inbox_topic("data-processing", worker_id, "").removesuffix(".requests")
+        assert inbox.startswith(prefix) and inbox.endswith(".requests"), inbox
+        assert await partition_count(cluster.brokers, inbox) == 6
+    assert len(set(inboxes.values())) == 3  # one topic each
 
     async def settled() -> bool:
-        workers = await group_members(cluster.brokers, worker_group("data-processing"))
         replicas = await group_members(cluster.brokers, ORCHESTRATOR_GROUP)
-        return workers == ("Stable", 3) and replicas == ("Stable", 2)
+        return replicas == ("Stable", 2)
 
-    # The test broker takes seconds per rebalance: submit once both groups are stable.
-    await until("both consumer groups to settle", settled, timeout=90)
+    # The test broker takes seconds per rebalance: submit once the replicas' group is stable.
+    await until("the replicas' consumer group to settle", settled, timeout=90)
     await asyncio.sleep(2)
+    # No worker is in a consumer group: only the replicas' groups exist.
+    assert await consumer_groups(cluster.brokers) <= {ORCHESTRATOR_GROUP, DEAD_LETTERS_GROUP}
 
     ids: list[str] = []
     for i in range(REQUESTS):
@@ -252,5 +281,9 @@ async def test_three_workers_in_one_group_share_six_partitions(
         per_worker[worker] = per_worker.get(worker, 0) + 1
     healthy = httpx.get(f"{a}/api/workers", headers=H).json()["items"]
     assert set(per_worker) == {w["workerId"] for w in healthy}, (per_worker, healthy)
+    assert set(per_worker) == set(inboxes), (per_worker, inboxes)
     assert len(per_worker) == 3 and all(n > 0 for n in per_worker.values()), per_worker
+    # Still no worker joined a group, and the replicas' group kept its two members.
+    assert await consumer_groups(cluster.brokers) <= {ORCHESTRATOR_GROUP, DEAD_LETTERS_GROUP}
+    assert await group_members(cluster.brokers, ORCHESTRATOR_GROUP) == ("Stable", 2)
     assert cluster.stop_all() == [0] * 5

@@ -24,7 +24,6 @@ from enginedge.domain.messages import (
     HEARTBEATS_TOPIC,
     DispatchMessage,
     HeartbeatMessage,
-    requests_topic,
 )
 from enginedge.entrypoints.processes import stop_process
 from enginedge.worker import Task, WorkerApp, WorkerRuntime
@@ -62,16 +61,14 @@ async def test_capacity_bounds_what_a_worker_holds(tmp_path: Path) -> None:
 async def test_a_stuck_handler_is_detected_and_its_request_runs_elsewhere(
     tmp_path: Path, request: pytest.FixtureRequest, bus: str
 ) -> None:
-    """The stuck worker tells the orchestrator it gave the attempt up, and leaves the
-    consumer group while it cools down: over Kafka a member that stays keeps its partitions,
-    so the retry (same key, same partition) would wait for it and run there again."""
+    """The stuck worker tells the orchestrator it gave the attempt up and is unhealthy while
+    it cools down: the scheduler hands the retry to the other worker's inbox, not back to
+    the stuck one."""
     brokers = {"kafka_brokers": request.getfixturevalue("broker")} if bus == "kafka" else {}
     probe = Probe()
-    # Longer than the rebalance, so the waiting retry is not published again meanwhile.
-    settings = fast_settings(tmp_path, builtin_workers="none", dispatch_timeout=30, **brokers)
-    # Over Kafka a stall timeout shorter than a rebalance (up to a 3 s heartbeat, then
-    # tansu's 5 s join window): the cool-down must outlast the rebalance by itself, or the
-    # stuck worker joins that rebalance again and gets the retry (it did, one run in three).
+    settings = fast_settings(tmp_path, builtin_workers="none", **brokers)
+    # The cool-down lasts a stall timeout: long enough, over Kafka too, for the retry to be
+    # handed to the other worker before the stuck one is healthy (and schedulable) again.
     stall = 1.5 if bus == "in-process" else 3.0
     apps = [worker_for_tests(probe, capacity=1, stall_timeout=stall) for _ in range(2)]
     async with run_service(settings, apps) as svc:
@@ -90,28 +87,27 @@ async def test_a_stuck_handler_is_detected_and_its_request_runs_elsewhere(
         assert svc.redispatches() == {"abandoned": 1}
 
 
-class _SlowToRebalance(InProcessBus):
-    """A bus whose groups take longer to hand a leaving member's partitions over than
-    the workers' stall timeout (as Kafka's do with a short TASK_STALL_TIMEOUT)."""
-
-    rebalance_seconds = 2.0
-
-
-async def test_a_stalled_worker_sits_out_at_least_its_bus_rebalance() -> None:
-    """A stalled worker leaves its group for the cool-down: if it joined again before the
-    rebalance that removes it ended, it would be part of it, get its partitions back, and
-    with them the retry of the attempt it abandoned (same key, same partition)."""
-    bus = _SlowToRebalance()
+async def test_a_stalled_worker_gives_back_what_reaches_it_while_it_cools_down() -> None:
+    """A stalled worker gives up the stalled attempt and is unhealthy for a cool-down of a
+    stall timeout, naming the attempt in its heartbeats meanwhile. A dispatch that reaches
+    its inbox during the cool-down (sent before the orchestrator heard it is unhealthy) is
+    given back the same way, not run; once cooled down, it runs what it gets again."""
+    bus = InProcessBus()
+    beats = await bus.subscribe([HEARTBEATS_TOPIC], "test-heartbeats")
     probe = Probe()
-    app = worker_for_tests(probe, capacity=1, stall_timeout=0.3)
+    app = worker_for_tests(probe, capacity=1, stall_timeout=0.5)
     runtime = WorkerRuntime(app, bus, heartbeat_interval=0.1, poll_timeout=0.05)
     await runtime.start()
-    try:
+    deadline = datetime.now(UTC) + timedelta(minutes=1)
+
+    async def dispatch(task_type: str) -> uuid.UUID:
         rid = uuid.uuid4()
-        dispatch = DispatchMessage(
-            rid, 1, "test.hang_first", {}, {}, datetime.now(UTC) + timedelta(minutes=1)
-        )
-        await bus.publish([BusMessage(requests_topic(app.type), str(rid), dispatch.to_json(), {})])
+        message = DispatchMessage(rid, 1, task_type, {}, {}, deadline)
+        await bus.publish([BusMessage(runtime.inbox, str(rid), message.to_json(), {})])
+        return rid
+
+    try:
+        stuck = await dispatch("test.hang_first")
         async with asyncio.timeout(10):
             while runtime.status != "UNHEALTHY":
                 await asyncio.sleep(0.02)
@@ -120,11 +116,29 @@ async def test_a_stalled_worker_sits_out_at_least_its_bus_rebalance() -> None:
         async with asyncio.timeout(2):
             while not probe.cancelled:
                 await asyncio.sleep(0.01)
-        assert probe.cancelled == [str(rid)]
+        assert probe.cancelled == [str(stuck)]
+        late = await dispatch("test.echo")
+        async with asyncio.timeout(2):
+            while str(late) not in runtime.condition.abandoned():
+                await asyncio.sleep(0.01)
+        assert runtime.status == "UNHEALTHY"  # given back during the cool-down
         async with asyncio.timeout(10):
             while runtime.status == "UNHEALTHY":
                 await asyncio.sleep(0.02)
-        assert time.monotonic() - stalled >= bus.rebalance_seconds > app.stall_timeout
+        assert time.monotonic() - stalled >= app.stall_timeout - 0.05
+        assert probe.started == [str(stuck)]  # the late dispatch never ran
+        told = [HeartbeatMessage.from_json(m.value) for m in await beats.next_batch(10_000, 0.1)]
+        unhealthy = [b for b in told if b.status == "UNHEALTHY"]
+        assert unhealthy and all(b.abandoned.get(str(stuck)) == 1 for b in unhealthy), told
+        assert all("made no progress" in (b.reason or "") for b in unhealthy), unhealthy
+        assert any(b.abandoned == {str(stuck): 1, str(late): 1} for b in unhealthy), unhealthy
+        assert all(b.inbox == runtime.inbox for b in told)
+        # Healthy again: the next dispatch runs, and nothing is named as given up any more.
+        again = await dispatch("test.echo")
+        async with asyncio.timeout(5):
+            while str(again) not in probe.completed:
+                await asyncio.sleep(0.01)
+        assert runtime.condition.abandoned() == {}
     finally:
         await runtime.stop(drain=False)
 
@@ -234,7 +248,7 @@ import asyncio, time, uuid
 from datetime import UTC, datetime, timedelta
 from enginedge.adapters.bus.inprocess import InProcessBus
 from enginedge.application.ports import BusMessage
-from enginedge.domain.messages import DispatchMessage, requests_topic
+from enginedge.domain.messages import DispatchMessage
 from enginedge.worker import Task, WorkerApp, WorkerRuntime
 
 app = WorkerApp("stuck", capacity=1)
@@ -250,8 +264,8 @@ async def main():
     await runtime.start()
     deadline = datetime.now(UTC) + timedelta(minutes=5)
     dispatch = DispatchMessage(uuid.uuid4(), 1, "stuck.sleep", {}, {}, deadline)
-    topic = requests_topic("stuck")
-    await bus.publish([BusMessage(topic, str(dispatch.request_id), dispatch.to_json())])
+    inbox = runtime.inbox
+    await bus.publish([BusMessage(inbox, str(dispatch.request_id), dispatch.to_json())])
     while runtime.active == 0:
         await asyncio.sleep(0.01)
     await runtime.stop(drain=True)

@@ -26,7 +26,7 @@ API_KEY = "test-key-0123456789"
 OTHER_KEY = "other-key-0123456789"
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}
 # The reasons of enginedge_redispatches_total.
-REDISPATCH = ("worker_lost", "result_lost", "abandoned", "unclaimed", "restart")
+REDISPATCH = ("worker_lost", "result_lost", "abandoned", "restart")
 
 
 def fast_settings(data_dir: Path, database_url: str | None = None, **overrides: Any) -> Settings:
@@ -40,7 +40,6 @@ def fast_settings(data_dir: Path, database_url: str | None = None, **overrides: 
         sweep_interval=0.1,
         worker_heartbeat_interval=0.2,
         worker_heartbeat_ttl=1.0,
-        dispatch_timeout=5.0,
         retry_backoff=0.05,
         db_connect_retries=0,
         log_level="warn",
@@ -139,7 +138,7 @@ async def wait_worker(
     headers: dict[str, str] | None = None,
 ) -> None:
     """Until the registry shows ``worker_id`` with ``status``: a worker back from a fault,
-    say, rejoins its groups and passes a health check before it is HEALTHY, and until then
+    say, heartbeats again and passes a health check before it is HEALTHY, and until then
     new work is refused. ``headers`` authenticate (default: this harness's API key)."""
     deadline = time.monotonic() + timeout
     body: dict[str, Any] = {}

@@ -254,6 +254,41 @@ def kafka_broker() -> contextlib.AbstractContextManager[Restartable]:
     return _temporary_server("enginedge-kafka-", args)
 
 
+def noida_binary() -> Path:
+    """The noida-db server binary inside its wheel (run directly, not through the wheel's
+    Python wrapper, so that the PID a test holds is the server's own)."""
+    spec = importlib.util.find_spec("noida_db")
+    if spec is None or spec.origin is None:
+        raise RuntimeError(
+            "the second Kafka-protocol test broker comes with `pip install noida-db` (part "
+            "of the test extras)"
+        )
+    binary = Path(spec.origin).parent / "noida-db"
+    if not binary.is_file():
+        raise RuntimeError(f"noida-db has no server binary at {binary}")
+    if not os.access(binary, os.X_OK):
+        binary.chmod(0o755)  # as the wheel's own wrapper does before running it
+    return binary
+
+
+def noida_broker() -> contextlib.AbstractContextManager[Restartable]:
+    """noida-db, a second Kafka-protocol broker (kept on disk in its scratch directory, so a
+    restart keeps the topics), to check that nothing depends on one broker's quirks."""
+    return _temporary_server(
+        "enginedge-noida-",
+        lambda port: [
+            str(noida_binary()),
+            "start",
+            "--data-dir",
+            ".",  # the server's working directory: the scratch directory
+            "--only",
+            "kafka",
+            "--kafka-port",
+            str(port),
+        ],
+    )
+
+
 def redis_server() -> contextlib.AbstractContextManager[Restartable]:
     return _temporary_server(
         "enginedge-redis-",
